@@ -1,0 +1,171 @@
+"""The controller: `decide(view)` before a decode step, `observe(result)` after.
+
+One object serves the live SGLang hook and the simulator alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from controller.config import TaperConfig
+from controller.policies import POLICIES, Candidates, make_policy
+from controller.predictor import SCALE, StepTimeModel, StepTimePredictor
+from controller.slack import step_budget
+from controller.view import Decision, StepResult, StepView
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+class Controller:
+    """Per-step branch admission.
+
+    decide() is a pure function of the controller's state and the view; state
+    changes only in observe(): the predictor's fit, the estimate of the engine's
+    time between steps, and how many steps in a row each held branch has waited.
+    """
+
+    def __init__(self, config: TaperConfig | None = None) -> None:
+        self.config = config or TaperConfig()
+        spec = self.config.policy_spec
+        self.policy_name = str(spec)
+        self._policy = make_policy(spec)
+        self._needs_counts = POLICIES[spec.name].needs_counts
+        model = StepTimeModel.load(self.config.profile) if self.config.profile else None
+        self.predictor = StepTimePredictor(
+            model,
+            forgetting=self.config.forgetting,
+            upper_quantile=self.config.upper_quantile,
+            residual_window=self.config.residual_window,
+        )
+        self._held_for: dict[str, int] = {}  # id -> consecutive steps held
+        self._starved: frozenset[str] = frozenset()  # held >= max_hold_steps
+        self._last_end: float | None = None  # seconds, end of the last observed step
+        self._gaps = np.zeros(64)  # seconds between a step's end and the next decision
+        self._n_gaps = 0
+        self.gap = 0.0  # seconds, recent 90th percentile of those gaps
+
+    # ------------------------------------------------------------------ decide
+
+    def decide(self, view: StepView) -> Decision:
+        """Choose which sequences of `view` decode in the next step."""
+        n = len(view)
+        if n == 0:
+            return Decision(_EMPTY, _EMPTY, 0, math.inf, 0.0, 0.0, np.zeros(len(SCALE)))
+        g = view.group
+        order = np.lexsort((view.branch, g))  # by group, then branch index
+        gs = g[order]
+        head = np.empty(n, dtype=bool)
+        head[0] = True
+        np.not_equal(gs[1:], gs[:-1], out=head[1:])
+        mandatory = (g < 0) | view.critical
+        mandatory[order[head]] = True  # each group's base branch: its lowest index
+        if self._starved:
+            mandatory |= np.fromiter((s in self._starved for s in view.ids), bool, n)
+
+        extras = np.flatnonzero(~mandatory)
+        w = self.predictor.unit_costs
+        cascade = self.config.cascade
+        kv = view.kv_len
+        kv_m = kv[mandatory]
+        if cascade:
+            sh = view.shared_len[mandatory]
+            kv_mand = float((kv_m - sh).sum())
+            prefix_mand = float(self._group_prefix(g[mandatory], sh))
+        else:
+            kv_mand, prefix_mand = float(kv_m.sum()), 0.0
+        x_mand = np.array([1.0, len(kv_m), kv_mand, view.prefill_tokens, prefix_mand])
+        t_mand = float(w @ x_mand)
+        budget = (
+            step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap)
+            - t_mand
+            - self.predictor.upper_margin
+        )
+
+        if len(extras):
+            ext_g = g[extras]
+            pri = np.lexsort((view.branch[extras], view.generated[extras], ext_g))
+            extras, ext_g = extras[pri], ext_g[pri]
+            own = kv[extras] - view.shared_len[extras] if cascade else kv[extras]
+            costs = w[1] + w[2] * own
+            idx = np.arange(len(extras))
+            start = np.empty(len(extras), dtype=bool)
+            start[0] = True
+            np.not_equal(ext_g[1:], ext_g[:-1], out=start[1:])
+            rank = idx - np.maximum.accumulate(np.where(start, idx, 0))
+            counts = self._mandatory_counts(g, mandatory, ext_g) if self._needs_counts else _EMPTY
+            admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget))
+            admitted = extras[admit]
+            externality = float(costs[admit].sum())
+            mandatory[admitted] = True
+            kept_extra_kv = float(own[admit].sum())
+        else:
+            externality, kept_extra_kv, admitted = 0.0, 0.0, _EMPTY
+        keep = np.flatnonzero(mandatory)
+        held = np.flatnonzero(~mandatory)
+        x = x_mand.copy()
+        x[1] += len(admitted)
+        x[2] += kept_extra_kv
+        ids = view.ids
+        return Decision(
+            keep=keep,
+            held=held,
+            mandatory=len(kv_m),
+            budget=budget,
+            externality=externality,
+            predicted=t_mand + externality,
+            features=x / SCALE,
+            held_ids=tuple(ids[i] for i in held),
+        )
+
+    @staticmethod
+    def _group_prefix(groups: np.ndarray, shared: np.ndarray) -> int:
+        """Shared-prefix tokens read once per group present (cascade attention)."""
+        in_group = groups >= 0
+        if not in_group.any():
+            return 0
+        gg, sh = groups[in_group], shared[in_group]
+        o = np.lexsort((-sh, gg))
+        first = np.ones(len(o), dtype=bool)
+        first[1:] = gg[o][1:] != gg[o][:-1]
+        return int(sh[o][first].sum())
+
+    @staticmethod
+    def _mandatory_counts(g: np.ndarray, mandatory: np.ndarray, ext_g: np.ndarray) -> np.ndarray:
+        """For each extra, how many mandatory members its group has in the view."""
+        mg = g[mandatory & (g >= 0)]
+        codes, counts = np.unique(mg, return_counts=True)
+        pos = np.searchsorted(codes, ext_g)
+        pos = np.minimum(pos, len(codes) - 1)
+        return np.where(codes[pos] == ext_g, counts[pos], 0)
+
+    # ----------------------------------------------------------------- observe
+
+    def observe(self, result: StepResult) -> None:
+        """Learn from a finished step: refit the predictor, track held branches."""
+        d = result.decision
+        if len(d.keep):
+            self.predictor.update(d.features, result.step_time)
+        self._end_step(result.end - result.step_time, result.end)
+        held_for = self._held_for
+        limit = self.config.max_hold_steps
+        self._held_for = {s: held_for.get(s, 0) + 1 for s in d.held_ids}
+        self._starved = (
+            frozenset(s for s, k in self._held_for.items() if k >= limit)
+            if self._held_for and max(self._held_for.values()) >= limit
+            else frozenset()
+        )
+
+    def _end_step(self, start: float, end: float) -> None:
+        if self._last_end is not None:
+            self._gaps[self._n_gaps % len(self._gaps)] = max(0.0, start - self._last_end)
+            self._n_gaps += 1
+            if self._n_gaps <= 16 or self._n_gaps % 8 == 0:
+                filled = self._gaps[: min(self._n_gaps, len(self._gaps))]
+                self.gap = float(np.quantile(filled, 0.9))
+        self._last_end = end
+
+    def held_steps(self, sid: str) -> int:
+        """Consecutive steps `sid` has been held as of the last observed step."""
+        return self._held_for.get(sid, 0)

@@ -1,0 +1,103 @@
+"""Branch admission policies, registered by name.
+
+Every policy sees the same prepared `Candidates`: the sequences that must run
+(ordinary requests, latency-critical sequences, each group's base branch,
+branches held too long) and the optional extra branches in priority order. A
+policy returns how many of those extras, or which, to admit.
+
+Priority order of extras (documented contract, used by `cap` and `taper`):
+older group first (smaller group code), then the branch with the fewest tokens
+generated, then the lower branch index. Least-progress-first keeps a group's
+branches level, so a group finishes when its slots run out together rather
+than waiting on one laggard; oldest-group-first lets the earliest program
+reach its join first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.config import PolicySpec
+
+
+@dataclass(slots=True)
+class Candidates:
+    """Input of a policy for one step."""
+
+    extras: np.ndarray  # int64 view indices of optional branches, priority order
+    extra_group: np.ndarray  # int64 group code of each extra
+    extra_rank: np.ndarray  # int64 rank of each extra among its group's extras (0-based)
+    mandatory_in_group: np.ndarray  # int64, per extra: mandatory members of its group
+    costs: np.ndarray  # float64 seconds, marginal predicted step time of each extra
+    budget: float  # seconds available to extras (may be negative, or +inf)
+
+
+Policy = Callable[[Candidates], np.ndarray]  # -> bool mask over c.extras
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEntry:
+    name: str
+    usage: str  # how it is written, e.g. "cap:K"
+    takes_arg: bool
+    make: Callable[[int | None], Policy]
+    needs_counts: bool = False  # needs Candidates.mandatory_in_group
+
+
+POLICIES: dict[str, PolicyEntry] = {}
+
+
+def register(name: str, usage: str | None = None, takes_arg: bool = False,
+             needs_counts: bool = False):
+    def deco(make: Callable[[int | None], Policy]):
+        POLICIES[name] = PolicyEntry(name, usage or name, takes_arg, make, needs_counts)
+        return make
+
+    return deco
+
+
+def make_policy(spec: PolicySpec) -> Policy:
+    return POLICIES[spec.name].make(spec.arg)
+
+
+@register("off")
+def _off(_: int | None) -> Policy:
+    """No branch parallelism: one branch per group decodes, the rest wait."""
+    return lambda c: np.zeros(len(c.extras), dtype=bool)
+
+
+@register("eager")
+def _eager(_: int | None) -> Policy:
+    """Every branch decodes in every step (stock SGLang behaviour)."""
+    return lambda c: np.ones(len(c.extras), dtype=bool)
+
+
+@register("cap", usage="cap:K", takes_arg=True, needs_counts=True)
+def _cap(k: int | None) -> Policy:
+    """At most K sequences per group decode in a step (mandatory ones count)."""
+    assert k is not None and k >= 1
+
+    def admit(c: Candidates) -> np.ndarray:
+        return c.extra_rank < (k - c.mandatory_in_group)
+
+    return admit
+
+
+@register("taper")
+def _taper(_: int | None) -> Policy:
+    """Admit extras in priority order while their summed predicted externality
+    fits the step's slack budget. The admitted set is a prefix of the priority
+    order, so more budget never admits fewer branches."""
+
+    def admit(c: Candidates) -> np.ndarray:
+        mask = np.zeros(len(c.extras), dtype=bool)
+        if c.budget <= 0 or not len(c.extras):
+            return mask
+        n = int(np.searchsorted(np.cumsum(c.costs), c.budget, side="right"))
+        mask[:n] = True
+        return mask
+
+    return admit
