@@ -1,0 +1,3 @@
+from sglang_taper.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""SGLang plugin entry point (group `sglang.srt.plugins`).
+
+SGLang loads plugins in every one of its processes wherever this package is
+installed, so `load` does nothing unless `taper serve` (or the user) enabled
+TAPER through the environment: installed but not enabled, SGLang serves
+exactly as stock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("sglang_taper")
+
+ENV_ENABLED = "TAPER_ENABLED"
+ENV_CONFIG = "TAPER_CONFIG"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_ENABLED) == "1"
+
+
+def load() -> None:
+    if not enabled():
+        return
+    from controller.config import TaperConfig
+    from sglang_taper import adapter
+
+    config = TaperConfig.from_json(os.environ.get(ENV_CONFIG) or "{}")
+    adapter.install(config)

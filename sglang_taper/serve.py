@@ -1,0 +1,147 @@
+"""`taper serve`: start `sglang.launch_server` with TAPER enabled.
+
+The launcher consumes its own `--taper-*` flags, validates them into a
+`TaperConfig`, and passes every other argument unchanged to SGLang. The config
+reaches the plugin in SGLang's processes through the environment (SGLang's
+`ServerArgs` rejects unknown flags; spawned children inherit the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+from controller.config import TaperConfig
+
+ENV_ENABLED = "TAPER_ENABLED"
+ENV_CONFIG = "TAPER_CONFIG"
+
+# What the notes found to work on a CPU-only machine; each applies only when
+# the user did not pass the flag. Overlap scheduling is off because with it a
+# fork's prefix lands in the radix cache a step late and branches miss it.
+CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
+    ("--device", "cpu"),
+    ("--attention-backend", "torch_native"),
+    ("--sampling-backend", "pytorch"),
+    ("--disable-cuda-graph", None),
+    ("--max-total-tokens", "65536"),
+    ("--mem-fraction-static", "0.05"),
+    ("--disable-overlap-schedule", None),
+)
+
+
+class ServeError(ValueError):
+    """Bad `taper serve` input; the message is one line for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    cmd: list[str]  # the SGLang command line
+    env: dict[str, str]  # its environment
+    config: TaperConfig
+    cpu: bool  # CPU settings were applied
+
+
+def _flag(name: str) -> str:
+    return "--taper-" + name.replace("_", "-")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="taper serve",
+        allow_abbrev=False,  # never let a prefix of a --taper flag eat an SGLang flag
+        description="Start the SGLang server with TAPER branch admission. Flags other "
+        "than --taper-* go to `python -m sglang.launch_server` unchanged.",
+    )
+    for f in fields(TaperConfig):
+        default = f.default if f.default is not MISSING else None
+        if f.type in ("bool", bool):
+            p.add_argument(_flag(f.name), dest=f.name, action="store_true",
+                           help=f"TaperConfig.{f.name}")
+        else:
+            kind = {"float": float, "int": int}.get(str(f.type), str)
+            p.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
+                           help=f"TaperConfig.{f.name} (default: {default})")
+    p.add_argument("--taper-device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="auto: CPU settings when no NVIDIA device is present")
+    return p
+
+
+def _has(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _value(args: list[str], *flags: str) -> str | None:
+    for i, a in enumerate(args):
+        for flag in flags:
+            if a == flag and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is `org/name`; anything else is meant as a local path."""
+    return path.startswith(("/", ".", "~")) or path.count("/") != 1
+
+
+def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Launch:
+    """Validate `taper serve` arguments and build the SGLang command and environment."""
+    from sglang_taper.cpu import assets
+
+    ns, rest = _parser().parse_known_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in fields(TaperConfig)}
+    try:
+        config = TaperConfig(**values)
+    except ValueError as e:
+        msg = str(e)
+        for f in fields(TaperConfig):
+            msg = msg.replace(f"TaperConfig.{f.name}", _flag(f.name))
+        raise ServeError(msg) from None
+    if config.profile and not Path(config.profile).is_file():
+        raise ServeError(f"--taper-profile: no such file: {config.profile}")
+    if _has(rest, "--enable-mixed-chunk") and config.policy != "eager":
+        raise ServeError(
+            "--enable-mixed-chunk builds decode batches outside the step TAPER regulates; "
+            "drop it, or use --taper-policy eager"
+        )
+
+    cpu = ns.taper_device == "cpu" or (ns.taper_device == "auto" and not assets.has_gpu())
+    env = dict(os.environ if base_env is None else base_env)
+    args = list(rest)
+    model = _value(args, "--model-path", "--model")
+    if model is not None:
+        if _looks_local(model) and not Path(model).expanduser().exists():
+            raise ServeError(f"--model-path: no such directory: {model}")
+    if cpu:
+        stub, tiny = assets.ensure_cpu_assets()
+        if model is None:
+            args = ["--model-path", str(tiny), *args]
+        for flag, value in CPU_DEFAULTS:
+            if not _has(args, flag):
+                args += [flag] if value is None else [flag, value]
+        env = assets.cpu_env(env)
+    elif model is None:
+        raise ServeError("--model-path is required when a GPU is present")
+    env[ENV_ENABLED] = "1"
+    env[ENV_CONFIG] = config.to_json()
+    cmd = [sys.executable, "-m", "sglang.launch_server", *args]
+    return Launch(cmd=cmd, env=env, config=config, cpu=cpu)
+
+
+def serve(argv: list[str]) -> int:
+    try:
+        launch = build_launch(argv)
+    except ServeError as e:
+        print(f"taper serve: error: {e}", file=sys.stderr)
+        return 2
+    print(f"taper serve: policy={launch.config.policy} "
+          f"{'cpu engine' if launch.cpu else 'gpu'}: {' '.join(launch.cmd[1:])}",
+          file=sys.stderr, flush=True)
+    # exec, so that the pid the caller holds is SGLang's launcher: SIGTERM stops all.
+    os.execvpe(launch.cmd[0], launch.cmd, launch.env)
+    return 0  # unreachable
