@@ -52,7 +52,7 @@ class Controller:
         """Choose which sequences of `view` decode in the next step."""
         n = len(view)
         if n == 0:
-            return Decision(_EMPTY, _EMPTY, 0, math.inf, 0.0, 0.0, np.zeros(len(SCALE)))
+            return Decision(_EMPTY, _EMPTY, 0, math.inf, 0.0, 0.0, np.zeros(len(SCALE)), ())
         g = view.group
         order = np.lexsort((view.branch, g))  # by group, then branch index
         gs = g[order]
@@ -94,7 +94,11 @@ class Controller:
             start[0] = True
             np.not_equal(ext_g[1:], ext_g[:-1], out=start[1:])
             rank = idx - np.maximum.accumulate(np.where(start, idx, 0))
-            counts = self._mandatory_counts(g, mandatory, ext_g) if self._needs_counts else _EMPTY
+            counts = (
+                self._mandatory_counts(gs, head, mandatory[order], ext_g)
+                if self._needs_counts
+                else _EMPTY
+            )
             admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget))
             admitted = extras[admit]
             externality = float(costs[admit].sum())
@@ -107,7 +111,6 @@ class Controller:
         x = x_mand.copy()
         x[1] += len(admitted)
         x[2] += kept_extra_kv
-        ids = view.ids
         return Decision(
             keep=keep,
             held=held,
@@ -116,7 +119,7 @@ class Controller:
             externality=externality,
             predicted=t_mand + externality,
             features=x / SCALE,
-            held_ids=tuple(ids[i] for i in held),
+            ids=view.ids,
         )
 
     @staticmethod
@@ -132,13 +135,15 @@ class Controller:
         return int(sh[o][first].sum())
 
     @staticmethod
-    def _mandatory_counts(g: np.ndarray, mandatory: np.ndarray, ext_g: np.ndarray) -> np.ndarray:
-        """For each extra, how many mandatory members its group has in the view."""
-        mg = g[mandatory & (g >= 0)]
-        codes, counts = np.unique(mg, return_counts=True)
-        pos = np.searchsorted(codes, ext_g)
-        pos = np.minimum(pos, len(codes) - 1)
-        return np.where(codes[pos] == ext_g, counts[pos], 0)
+    def _mandatory_counts(
+        gs: np.ndarray, head: np.ndarray, mand_sorted: np.ndarray, ext_g: np.ndarray
+    ) -> np.ndarray:
+        """For each extra, how many mandatory members its group has in the view.
+        `gs`, `head`, `mand_sorted`: group codes, run starts and the mandatory
+        mask in group-sorted order."""
+        starts = np.flatnonzero(head)
+        per_group = np.add.reduceat(mand_sorted.astype(np.int64), starts)
+        return per_group[np.searchsorted(gs[starts], ext_g)]
 
     # ----------------------------------------------------------------- observe
 
@@ -150,7 +155,7 @@ class Controller:
         self._end_step(result.end - result.step_time, result.end)
         held_for = self._held_for
         limit = self.config.max_hold_steps
-        self._held_for = {s: held_for.get(s, 0) + 1 for s in d.held_ids}
+        self._held_for = {s: held_for.get(s, 0) + 1 for s in d.held_ids()}
         self._starved = (
             frozenset(s for s, k in self._held_for.items() if k >= limit)
             if self._held_for and max(self._held_for.values()) >= limit

@@ -10,10 +10,11 @@ attention, the shared-prefix tokens that the cascade reads once per group
 instead (without cascade u = 0 and kv counts everything). Features are scaled
 to order one (`SCALE`) so the fit stays well conditioned.
 
-The weights are fitted by recursive least squares with exponential forgetting
-(factor lambda per step), so the model follows drift; they can be warm-started
-from a saved profile. An upper bound adds the `upper_quantile` of recent
-a-priori residuals, so that a step rarely overruns its prediction.
+The weights are fitted by least squares with exponential forgetting (factor
+lambda per step, as recursive least squares does), so the model follows drift,
+with a ridge prior at the warm-start weights (a saved profile, or a default).
+An upper bound adds the `upper_quantile` of recent a-priori residuals, so that
+a step rarely overruns its prediction.
 
 Externality: with the mandatory batch M always running, admitting extras E
 costs  T(M + E) - T(M) = sum_{j in E} (w1 + w2 * kv_j')  where kv_j' is what j
@@ -65,7 +66,18 @@ def features(n: int, kv: float, prefill: float, cascade_prefix: float = 0.0) -> 
 
 
 class StepTimePredictor:
-    """Recursive least squares with forgetting over `FEATURES`."""
+    """Exponentially weighted least squares over `FEATURES`, with a ridge prior.
+
+    After each observation the weights solve
+
+        min_w  sum_k lambda^(t-k) (y_k - w.x_k)^2 + rho |w - w_prior|^2
+
+    which is what recursive least squares with forgetting computes, but solved
+    from the weighted normal equations (a 5x5 system) rather than by updating
+    an inverse: the inverse form loses positive definiteness when some
+    features (prefill tokens during pure decode) are never excited, while here
+    the prior simply holds those weights where the profile put them.
+    """
 
     def __init__(
         self,
@@ -73,13 +85,15 @@ class StepTimePredictor:
         forgetting: float = 0.995,
         upper_quantile: float = 0.95,
         residual_window: int = 256,
-        prior_strength: float = 1.0,
+        prior_strength: float = 1e-3,
     ) -> None:
         w = DEFAULT_WEIGHTS if model is None else np.asarray(model.weights, dtype=np.float64)
-        self.w = w.astype(np.float64).copy()  # seconds per scaled feature
-        # P is the inverse information; a small prior_strength lets data dominate quickly.
-        self._p0 = np.eye(len(FEATURES)) / (prior_strength * 1e-6)
-        self.P = self._p0.copy()
+        self.prior = w.astype(np.float64).copy()  # seconds per scaled feature
+        self._set_weights(self.prior.copy())
+        k = len(FEATURES)
+        self._ridge = prior_strength * np.eye(k)
+        self._A = np.zeros((k, k))  # forgetting-weighted sum of x x^T
+        self._b = np.zeros(k)  # forgetting-weighted sum of x y
         self.lam = forgetting
         self.quantile = upper_quantile
         self._resid = np.zeros(residual_window)
@@ -90,7 +104,11 @@ class StepTimePredictor:
     @property
     def unit_costs(self) -> np.ndarray:
         """Non-negative weights in seconds per *unscaled* feature unit."""
-        return np.maximum(self.w, 0.0) / SCALE
+        return self._unit
+
+    def _set_weights(self, w: np.ndarray) -> None:
+        self.w = w
+        self._unit = np.maximum(w, 0.0) / SCALE
 
     def predict(self, x: np.ndarray) -> float:
         """Mean predicted step time, seconds, of scaled features x."""
@@ -103,17 +121,16 @@ class StepTimePredictor:
 
     def update(self, x: np.ndarray, y: float) -> None:
         """One observation: scaled features x, measured step time y (seconds)."""
-        resid = y - float(self.w @ x)
+        resid = y - float(self.w @ x)  # a-priori residual, for the upper bound
         self._resid[self._n_resid % len(self._resid)] = resid
         self._n_resid += 1
-        px = self.P @ x
-        gain = px / (self.lam + float(x @ px))
-        self.w += gain * resid
-        self.P = (self.P - np.outer(gain, px)) / self.lam
-        # Forgetting inflates P along directions the data never excites (e.g. the
-        # prefill feature during pure decode); bound it so the fit cannot wind up.
-        if self.P.trace() > self._p0.trace():
-            self.P *= self._p0.trace() / self.P.trace()
+        self._A *= self.lam
+        self._A += np.outer(x, x)
+        self._b *= self.lam
+        self._b += x * y
+        self._set_weights(
+            np.linalg.solve(self._A + self._ridge, self._b + self._ridge @ self.prior)
+        )
         self.observed += 1
         if self._n_resid <= 32 or self._n_resid % 8 == 0:
             filled = self._resid[: min(self._n_resid, len(self._resid))]

@@ -116,7 +116,16 @@ class Decision:
     externality: float  # seconds, predicted extra step time of the admitted extras
     predicted: float  # seconds, predicted (mean) step time of the kept batch
     features: np.ndarray = field(repr=False)  # the kept batch's predictor features
-    held_ids: tuple[str, ...] = ()  # ids of the held sequences
+    ids: Sequence[str] = field(repr=False)  # the view's ids (not copied)
+
+    def held_ids(self) -> list[str]:
+        """Ids of the held sequences (built on demand, off the decision path)."""
+        ids = self.ids
+        return [ids[i] for i in self.held.tolist()]
+
+    def kept_ids(self) -> list[str]:
+        ids = self.ids
+        return [ids[i] for i in self.keep.tolist()]
 
 
 @dataclass(slots=True, frozen=True)
