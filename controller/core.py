@@ -60,6 +60,8 @@ class Controller:
         head[0] = True
         np.not_equal(gs[1:], gs[:-1], out=head[1:])
         mandatory = (g < 0) | view.critical
+        if view.pinned is not None:
+            mandatory |= view.pinned
         mandatory[order[head]] = True  # each group's base branch: its lowest index
         if self._starved:
             mandatory |= np.fromiter((s in self._starved for s in view.ids), bool, n)
@@ -121,6 +123,14 @@ class Controller:
             features=x / SCALE,
             ids=view.ids,
         )
+
+    def passthrough(self, n_seqs: int, kv_tokens: int) -> Decision:
+        """A decision that runs a whole batch the controller was not asked about
+        (no branches in it), so that observe() still learns from the step."""
+        keep = np.arange(n_seqs, dtype=np.int64)
+        x = np.array([1.0, n_seqs, kv_tokens, 0.0, 0.0])
+        t = float(self.predictor.unit_costs @ x)
+        return Decision(keep, _EMPTY, n_seqs, math.inf, 0.0, t, x / SCALE, ())
 
     @staticmethod
     def _group_prefix(groups: np.ndarray, shared: np.ndarray) -> int:

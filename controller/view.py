@@ -63,6 +63,8 @@ class StepView:
     now: float = 0.0  # seconds, when the decision is asked for
     waiting: int = 0  # requests in the engine's waiting queue
     prefill_tokens: int = 0  # prefill tokens planned into this same step (mixed steps)
+    pinned: np.ndarray | None = None  # bool, must run this step for the engine's sake
+    # (finishing or aborted, grammar-constrained, ...) without being latency-critical
 
     def __len__(self) -> int:
         return len(self.ids)

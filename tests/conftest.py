@@ -62,11 +62,15 @@ def taper_server(server_pool):
     return server_pool.get(["--taper-policy", "taper"])
 
 
-def post_json(url: str, payload: dict, timeout: float = 120) -> dict:
+def post(url: str, payload: dict, timeout: float = 120) -> bytes:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+        return r.read()
+
+
+def post_json(url: str, payload: dict, timeout: float = 120) -> dict:
+    return json.loads(post(url, payload, timeout))
 
 
 def get_json(url: str, timeout: float = 30) -> dict:

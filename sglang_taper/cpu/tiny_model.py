@@ -40,7 +40,11 @@ _WORDS = (
     "number value sum total count list item point idea outline expand summary check "
     "model request token prefix cache batch decode fork join stage parallel serial"
 ).split()
-_FORMAT_VERSION = 1  # bump when the files this module writes change
+_FORMAT_VERSION = 2  # bump when the files this module writes change
+# float32, not bf16: CPU matmuls round differently for different batch shapes,
+# and in bf16 that flips greedy choices between batch compositions; a held-out
+# branch must generate exactly what it would have in any other batch.
+DTYPE = "float32"
 
 
 def _corpus(seed: int, lines: int = 4000) -> list[str]:
@@ -95,7 +99,7 @@ def _build_weights(out: Path, seed: int, vocab: int) -> None:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=gen) * std).to(getattr(torch, DTYPE))
 
     tensors = {"model.embed_tokens.weight": rand(vocab, h, std=1.0)}
     for i in range(c["num_hidden_layers"]):
@@ -107,9 +111,9 @@ def _build_weights(out: Path, seed: int, vocab: int) -> None:
         tensors[p + "mlp.gate_proj.weight"] = rand(inter, h, std=h**-0.5)
         tensors[p + "mlp.up_proj.weight"] = rand(inter, h, std=h**-0.5)
         tensors[p + "mlp.down_proj.weight"] = rand(h, inter, std=inter**-0.5)
-        tensors[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        tensors[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-    tensors["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        tensors[p + "input_layernorm.weight"] = torch.ones(h, dtype=getattr(torch, DTYPE))
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=getattr(torch, DTYPE))
+    tensors["model.norm.weight"] = torch.ones(h, dtype=getattr(torch, DTYPE))
     # A wide logit spread keeps the top-2 gap far above rounding noise, so that
     # greedy decoding does not flip between batch shapes.
     tensors["lm_head.weight"] = rand(vocab, h, std=1.0)
@@ -125,7 +129,7 @@ def _write_config(out: Path, vocab: int) -> None:
         eos_token_id=2,
         pad_token_id=3,
         hidden_act="silu",
-        torch_dtype="bfloat16",
+        torch_dtype=DTYPE,
         attention_bias=False,
         mlp_bias=False,
         **LLAMA_CONFIG,

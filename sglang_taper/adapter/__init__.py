@@ -1,0 +1,33 @@
+"""Every access to SGLang internals (sglang==0.5.23) lives in this package:
+`scheduler` (per-step admission hooks), `server` (request validation, n>1
+groups, /taper/stats), `metrics` (Prometheus), `frontend` (the endpoint that
+tags fork branches). When SGLang changes, this package is what changes."""
+
+from __future__ import annotations
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from controller.config import TaperConfig
+
+_INTERNAL_STATE = (
+    "sglang.srt.managers.scheduler_components.internal_state."
+    "SchedulerInternalStateController.get_internal_state"
+)
+
+
+def _add_internal_state(result, *args, **kwargs):
+    from sglang_taper.adapter.scheduler import runtime
+
+    rt = runtime()
+    if rt is not None:
+        result.internal_state["taper"] = rt.status()
+    return result
+
+
+def install(config: TaperConfig) -> None:
+    """Register TAPER's hooks. Called once per SGLang process by the plugin."""
+    from sglang_taper.adapter import scheduler, server
+
+    scheduler.install(config)
+    server.install()
+    HookRegistry.register(_INTERNAL_STATE, _add_internal_state, HookType.AFTER)

@@ -1,0 +1,83 @@
+"""`TaperEndpoint`: a `RuntimeEndpoint` for SGLang programs that tags every
+`fork` branch with its group, index and width, and every request with the
+program's SLO, so an unmodified `@sgl.function` is regulated just by choosing
+this backend.
+
+    backend = TaperEndpoint("http://127.0.0.1:30000", ttft=1.0, tpot=0.05)
+    state = my_program.run(..., backend=backend)
+
+Serial stages (the program's own generations before a fork and after a join)
+are ordinary, latency-critical requests; branch generations are branch work.
+Nested forks form their own groups, with `taper_parent` naming the outer one.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+from sglang.lang.interpreter import StreamExecutor
+
+from sglang_taper.meta import with_meta
+
+_ATTR = "_taper_branch"  # (group, index, width, parent group) on a forked StreamExecutor
+_patch_lock = threading.Lock()
+_patched = False
+
+
+def _patch_fork() -> None:
+    """Wrap StreamExecutor.fork once so forked executors remember their group.
+    Executors whose backend is not a TaperEndpoint are annotated too, harmlessly."""
+    global _patched
+    with _patch_lock:
+        if _patched:
+            return
+        original = StreamExecutor.fork
+
+        def fork(self, size: int = 1, position_ids_offset=None):
+            exes = original(self, size, position_ids_offset)
+            if isinstance(self.backend, TaperEndpoint) and len(exes) > 1:
+                parent = getattr(self, _ATTR, None)
+                group = f"f-{uuid.uuid4().hex}"
+                for i, exe in enumerate(exes):
+                    setattr(exe, _ATTR, (group, i, len(exes), parent[0] if parent else None))
+            return exes
+
+        fork.__wrapped__ = original
+        StreamExecutor.fork = fork
+        _patched = True
+
+
+class TaperEndpoint(RuntimeEndpoint):
+    """A RuntimeEndpoint whose requests carry TAPER branch metadata.
+
+    ttft, tpot: the program's SLOs in seconds, sent with every request
+    (None: the server's defaults). critical_branches: mark branch requests
+    latency-critical too (rarely wanted: it turns branches into serial work).
+    """
+
+    def __init__(self, *args, ttft: float | None = None, tpot: float | None = None,
+                 critical_branches: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ttft, self.tpot = ttft, tpot
+        self.critical_branches = critical_branches
+        _patch_fork()
+
+    def _add_images(self, s, data) -> None:
+        # The one call every generation path makes with the executor and the
+        # request body in hand, right before the POST.
+        super()._add_images(s, data)
+        sp = data.get("sampling_params")
+        if not isinstance(sp, dict) or sp.get("max_new_tokens") == 0:
+            return  # prefix caching / scoring, not a generation
+        branch = getattr(s, _ATTR, None)
+        fields = {"ttft": self.ttft, "tpot": self.tpot}
+        if branch is not None:
+            group, index, width, parent = branch
+            fields.update(group=group, branch=index, width=width, parent=parent,
+                          critical=True if self.critical_branches else None)
+        custom = sp.get("custom_params")
+        if custom is not None and not isinstance(custom, dict):
+            return
+        sp["custom_params"] = with_meta(custom, **fields)

@@ -1,0 +1,449 @@
+"""Scheduler hooks: run the controller before every decode step of SGLang's
+scheduler, hold out the branches it does not admit (keeping their KV), and
+bring them back at the start of the next scheduling pass.
+
+Lifecycle of a held branch, in SGLang 0.5.23 terms:
+
+1. `update_running_batch` filters, checks memory, retracts if needed, then
+   calls `running_batch.prepare_for_decode()`: candidates are final and no KV
+   slot is allocated yet. There the controller decides; the batch is split in
+   two with `filter_batch` (which frees no KV): the kept part decodes, the held
+   part is parked on the runtime. A held `Req` keeps its `req_pool_idx`, KV and
+   radix lock; its pending next-token stays in the relay buffer.
+2. The step runs and its result is processed against the batch that ran.
+3. At the start of the next pass (`ingest_requests`, before any abort, pause,
+   idle check or prefill decision looks at `running_batch`) the held part is
+   merged back with `merge_batch`.
+
+So between two passes every request is in `running_batch`, as stock SGLang
+expects. Steps whose batch cannot be split safely (active penalizers, whose
+orchestrator is shared; speculative decoding; hierarchical sparse attention)
+run whole and are counted as `unsafe_steps`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import numpy as np
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from controller import Controller, StepResult, StepView, TaperConfig
+from controller.view import NO_GROUP
+from sglang_taper.meta import BranchMeta, parse_meta
+from sglang_taper.stats import StepRecord, TaperStats
+
+logger = logging.getLogger("sglang_taper")
+
+_SCHED = "sglang.srt.managers.scheduler.Scheduler"
+_BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
+_LOG_EVERY_S = 10.0
+
+
+class _Ids:
+    """Request ids of a batch, read on demand (only held ones ever are)."""
+
+    __slots__ = ("_reqs",)
+
+    def __init__(self, reqs: list) -> None:
+        self._reqs = reqs
+
+    def __len__(self) -> int:
+        return len(self._reqs)
+
+    def __getitem__(self, i: int) -> str:
+        return self._reqs[i].rid
+
+
+class _ReqMeta:
+    """Per-request state the view needs, attached to `Req` as `req._taper`."""
+
+    __slots__ = ("group", "row", "first_token")
+
+    def __init__(self, group: str | None, row: list[float]) -> None:
+        self.group = group  # group name, None if ordinary
+        # code, branch, width, ttft, tpot, arrival, first_token, critical, prompt_len, shared
+        self.row = row
+        self.first_token = math.nan
+
+
+class SchedulerRuntime:
+    """TAPER's state inside one scheduler process."""
+
+    def __init__(self, scheduler, config: TaperConfig) -> None:
+        self.config = config
+        self.controller = Controller(config)
+        self.stats = TaperStats(str(config.policy))
+        self.held = None  # the held-out part of the running batch, or None
+        self.inflight: dict[int, tuple] = {}  # forward_iter -> (decision, view | None)
+        self._codes: dict[str, int] = {}  # group name -> code, in order of creation
+        self._branches: dict[str, int] = {}  # group name -> members numbered so far
+        self._next_code = 0
+        self._last_log = time.monotonic()
+        self._pending = None  # (batch, decision, view, keep) of the step being built
+        self._rank0_decision = None
+        self._metrics = None
+        args = scheduler.server_args
+        self.tp_size = scheduler.tp_size
+        self.scheduler = scheduler
+        self.disabled = _unsupported(scheduler)
+        if self.disabled:
+            logger.warning("TAPER regulation is off in this scheduler: %s", self.disabled)
+        if getattr(args, "enable_metrics", False):
+            from sglang_taper.adapter.metrics import TaperMetrics
+
+            self._metrics = TaperMetrics()
+        logger.info("TAPER enabled: policy=%s tp_size=%d", config.policy, self.tp_size)
+
+    # ----------------------------------------------------------- new requests
+
+    def attach(self, req) -> None:
+        """Parse a new request's metadata and attach what the view needs."""
+        try:
+            meta = parse_meta(req.sampling_params.custom_params)
+        except ValueError as e:  # the HTTP server validates; this is a second line
+            logger.warning("TAPER: request %s has bad metadata, served as ordinary: %s",
+                           req.rid, e)
+            meta = None
+        if meta is not None and req.sampling_params.max_new_tokens == 0:
+            meta = None  # a prefix warm-up (n>1 or frontend commit), not a branch
+        meta = meta or BranchMeta()
+        cfg = self.config
+        code, branch = NO_GROUP, 0
+        if meta.group is not None:
+            if meta.group not in self._codes:
+                if len(self._codes) > 65536:
+                    self._prune_groups()
+                self._codes[meta.group] = self._next_code
+                self._next_code += 1
+            code = self._codes[meta.group]
+            n = self._branches.get(meta.group, 0)
+            self._branches[meta.group] = n + 1
+            branch = meta.branch if meta.branch is not None else n
+        critical = meta.critical if meta.critical is not None else meta.group is None
+        req._taper = _ReqMeta(meta.group, [
+            code, branch, meta.width, meta.ttft or cfg.default_ttft_slo,
+            meta.tpot or cfg.default_tpot_slo, time.monotonic(), math.nan, critical,
+            len(req.origin_input_ids), 0,
+        ])
+
+    def _prune_groups(self) -> None:
+        self._codes.clear()
+        self._branches.clear()
+
+    # ----------------------------------------------------------- decode step
+
+    def regulate(self, batch) -> None:
+        """Decide which sequences of `batch` decode; park the rest in `self.held`."""
+        reqs = batch.reqs
+        if self.held is not None:  # defensive: never lose a parked part
+            self.merge_into(batch)
+            reqs = batch.reqs
+        metas = [getattr(r, "_taper", None) for r in reqs]
+        if self.disabled or not any(m is not None and m.group is not None for m in metas):
+            return
+        if _unsafe_to_split(batch):
+            self.stats.unsafe_steps += 1
+            return
+        now = time.monotonic()
+        view = self._view(reqs, metas, now)
+        if self.tp_size > 1:
+            keep = self._decide_on_rank0(view)
+            decision = None
+        else:
+            decision = self.controller.decide(view)
+            keep = decision.keep
+        if len(keep) < len(reqs):
+            held = np.setdiff1d(np.arange(len(reqs)), keep, assume_unique=True)
+            self.held = _split(batch, keep, held)
+        self._pending = (batch, decision, view, keep)
+
+    def _view(self, reqs: list, metas: list, now: float) -> StepView:
+        for r, m in zip(reqs, metas):
+            if m is None:
+                self.attach(r)
+            elif m.row[6] != m.row[6] and r.output_ids:  # NaN: no first token stamped yet
+                m.row[6] = now
+                m.row[9] = min(r.cached_tokens, m.row[8])
+        rows = np.array([r._taper.row for r in reqs], dtype=np.float64)
+        generated = np.fromiter((len(r.output_ids) for r in reqs), np.int64, len(reqs))
+        prompt = rows[:, 8].astype(np.int64)
+        pinned = np.fromiter(
+            (r.to_finish is not None or r.grammar is not None or r.beam_group is not None
+             for r in reqs), bool, len(reqs))
+        return StepView(
+            ids=_Ids(reqs),
+            group=rows[:, 0].astype(np.int64),
+            branch=rows[:, 1].astype(np.int64),
+            width=rows[:, 2].astype(np.int64),
+            kv_len=prompt + generated,
+            shared_len=rows[:, 9].astype(np.int64),
+            ttft_slo=rows[:, 3],
+            tpot_slo=rows[:, 4],
+            arrival=rows[:, 5],
+            first_token=rows[:, 6],
+            generated=generated,
+            critical=rows[:, 7].astype(bool),
+            now=now,
+            pinned=pinned if pinned.any() else None,
+        )
+
+    def _decide_on_rank0(self, view: StepView) -> np.ndarray:
+        """With tensor parallelism every rank must build the same batch: rank 0
+        decides (its clock and fit are the reference) and broadcasts."""
+        from sglang.srt.runtime_context import get_parallel
+        from sglang.srt.utils.common import broadcast_pyobj
+
+        group = get_parallel().tp_group
+        if group.rank_in_group == 0:
+            decision = self.controller.decide(view)
+            payload = [decision.keep.tolist()]
+        else:
+            decision, payload = None, [None]
+        keep = broadcast_pyobj(payload, group.rank, group.cpu_group, src=group.ranks[0])[0]
+        self._rank0_decision = decision
+        return np.asarray(keep, dtype=np.int64)
+
+    def merge_into(self, running_batch):
+        """Put the held part back; returns the running batch to use."""
+        held, self.held = self.held, None
+        if held is None or held.is_empty():
+            return running_batch
+        if running_batch.is_empty():
+            return held
+        running_batch.merge_batch(held)
+        return running_batch
+
+    def on_run(self, batch) -> None:
+        """After `run_batch` launched a decode step (forward_iter is set)."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] is not batch:
+            n = len(batch.reqs)
+            kv = int(batch.seq_lens_cpu.sum()) if batch.seq_lens_cpu is not None else 0
+            self.inflight[batch.forward_iter] = (self.controller.passthrough(n, kv), None, None)
+            return
+        _, decision, view, keep = pending
+        if decision is None:  # TP: rank 0 keeps its own decision, followers a stand-in
+            decision = self._rank0_decision or self._follower_decision(view, keep)
+            self._rank0_decision = None
+        self.inflight[batch.forward_iter] = (decision, view, keep)
+
+    def _follower_decision(self, view: StepView, keep: np.ndarray):
+        d = self.controller.passthrough(len(keep), int(view.kv_len[keep].sum()))
+        d.keep = keep
+        d.held = np.setdiff1d(np.arange(len(view)), keep, assume_unique=True)
+        d.ids = view.ids
+        return d
+
+    def on_result(self, batch) -> None:
+        """After the result of a step was processed: observe and record."""
+        now = time.monotonic()
+        if batch.forward_mode.is_extend():
+            for r in batch.reqs:
+                m = getattr(r, "_taper", None)
+                if m is not None and m.row[6] != m.row[6] and r.output_ids:
+                    m.row[6] = now
+                    m.row[9] = min(r.cached_tokens, m.row[8])
+            return
+        entry = self.inflight.pop(batch.forward_iter, None)
+        if entry is None or batch.launch_ts is None:
+            return
+        decision, view, keep = entry
+        step_time = now - batch.launch_ts
+        self.controller.observe(StepResult(decision, step_time=step_time, end=now))
+        widths, rec = None, None
+        if view is not None:
+            g = view.group[keep]
+            branch_codes = g[g >= 0]
+            codes, counts = np.unique(branch_codes, return_counts=True)
+            names = {}
+            for r in batch.reqs:
+                m = getattr(r, "_taper", None)
+                if m is not None and m.group is not None:
+                    names[m.row[0]] = m.group
+            widths = {names.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts)}
+            rec = StepRecord(
+                end=now, seqs=len(view), kept=len(keep), held=len(view) - len(keep),
+                groups=len(np.unique(view.group[view.group >= 0])),
+                branches=len(branch_codes), max_width=int(counts.max()) if len(counts) else 0,
+                budget=decision.budget, predicted=decision.predicted, measured=step_time,
+            )
+        else:
+            rec = StepRecord(end=now, seqs=len(decision.keep), kept=len(decision.keep), held=0,
+                             groups=0, branches=0, max_width=0, budget=math.inf,
+                             predicted=decision.predicted, measured=step_time)
+        kept_ids = [view.ids[i] for i in keep] if view is not None else None
+        self.stats.record(rec, widths, kept_ids)
+        if self._metrics is not None:
+            self._metrics.observe(rec, widths)
+        if now - self._last_log > _LOG_EVERY_S and self.stats.regulated_steps:
+            self._last_log = now
+            logger.info(self.stats.summary())
+
+    def kv_figures(self) -> dict:
+        """KV pool occupancy in tokens: at idle, available + evictable = capacity."""
+        sched = self.scheduler
+        return {
+            "capacity": int(sched.max_total_num_tokens),
+            "available": int(sched.token_to_kv_pool_allocator.available_size()),
+            "evictable": int(sched.tree_cache.evictable_size()),
+            "protected": int(sched.tree_cache.protected_size()),
+            "running_reqs": len(sched.running_batch.reqs),
+            "held_reqs": 0 if self.held is None else len(self.held.reqs),
+        }
+
+    def status(self) -> dict:
+        return {
+            "kv": self.kv_figures(),
+            "enabled": True,
+            "regulating": not self.disabled,
+            "disabled_reason": self.disabled,
+            "config": self.config.to_json(),
+            "predictor": {"weights": self.controller.predictor.w.tolist(),
+                          "observed": self.controller.predictor.observed,
+                          "upper_margin_s": self.controller.predictor.upper_margin,
+                          "gap_s": self.controller.gap},
+            **self.stats.to_dict(),
+        }
+
+
+def _unsupported(scheduler) -> str | None:
+    """Why this scheduler cannot regulate branches, or None."""
+    args = scheduler.server_args
+    if getattr(args, "enable_mixed_chunk", False):
+        return "--enable-mixed-chunk builds decode batches outside update_running_batch"
+    if not scheduler.spec_algorithm.is_none():
+        return "speculative decoding"
+    if getattr(args, "pp_size", 1) > 1:
+        return "pipeline parallelism"
+    if getattr(args, "enable_dp_attention", False):
+        return "DP attention"
+    if getattr(args, "disaggregation_mode", "null") != "null":
+        return "PD disaggregation"
+    if getattr(scheduler, "enable_continuous_input_polling", False):
+        return "continuous input polling merges requests mid-step"
+    return None
+
+
+def _unsafe_to_split(batch) -> bool:
+    """A split would corrupt shared per-batch state: run the step whole."""
+    info = batch.sampling_info
+    return (
+        info.penalizer_orchestrator.is_required  # one orchestrator, shared by both parts
+        or batch.spec_info is not None
+        or batch.hisparse_coordinator is not None
+    )
+
+
+def _split(batch, keep: np.ndarray, held: np.ndarray):
+    """Split `batch` in place into the kept part and return the held part.
+    `filter_batch` frees no KV; each part gets its own sampling-info object
+    (filtering rebinds its tensors), so the parts are independent."""
+    out = copy.copy(batch)
+    out.sampling_info = copy.copy(batch.sampling_info)
+    out.filter_batch(keep_indices=held.tolist())
+    batch.filter_batch(keep_indices=keep.tolist())
+    return out
+
+
+# ------------------------------------------------------------------- hooks
+
+_runtime: SchedulerRuntime | None = None
+_config: TaperConfig | None = None
+_regulating: object | None = None  # the batch update_running_batch is preparing
+
+
+def runtime() -> SchedulerRuntime | None:
+    return _runtime
+
+
+def _after_init(result, scheduler, *args, **kwargs):
+    global _runtime
+    _runtime = SchedulerRuntime(scheduler, _config)
+    scheduler._taper = _runtime
+
+
+def _after_create_req(req, scheduler, *args, **kwargs):
+    if _runtime is not None:
+        _runtime.attach(req)
+    return req
+
+
+def _before_ingest(scheduler, *args, **kwargs):
+    rt = _runtime
+    if rt is not None and rt.held is not None:
+        scheduler.running_batch = rt.merge_into(scheduler.running_batch)
+
+
+def _before_next_batch(scheduler, *args, **kwargs):
+    rt = _runtime
+    if rt is not None and rt.held is not None:
+        scheduler.running_batch = rt.merge_into(scheduler.running_batch)
+        if "running_batch" in kwargs:
+            kwargs["running_batch"] = scheduler.running_batch
+        elif args:
+            args = (scheduler.running_batch, *args[1:])
+        return (scheduler, *args), kwargs
+    return None
+
+
+def _around_update_running(original, scheduler, batch, *args, **kwargs):
+    global _regulating
+    _regulating = batch
+    try:
+        return original(scheduler, batch, *args, **kwargs)
+    finally:
+        _regulating = None
+
+
+def _around_prepare_decode(original, batch, *args, **kwargs):
+    if _runtime is not None and batch is _regulating:
+        _runtime.regulate(batch)
+    return original(batch, *args, **kwargs)
+
+
+def _around_run_batch(original, scheduler, batch, *args, **kwargs):
+    result = original(scheduler, batch, *args, **kwargs)
+    if _runtime is not None and batch.forward_mode.is_decode():
+        _runtime.on_run(batch)
+    return result
+
+
+def _after_process_result(result, scheduler, batch, *args, **kwargs):
+    if _runtime is not None and batch is not None:
+        _runtime.on_result(batch)
+    return result
+
+
+def _after_owning_rows(owners, checker, *args, **kwargs):
+    # SGLang's busy-time KV conservation check counts the rows of requests in
+    # running_batch/last_batch; between a step and the next pass the held part
+    # owns rows too.
+    rt = _runtime
+    if rt is not None and rt.held is not None:
+        seen = {id(r) for r in owners}
+        owners.extend(r for r in rt.held.reqs if r.kv.holds_kv and id(r) not in seen)
+    return owners
+
+
+def install(config: TaperConfig) -> None:
+    global _config
+    _config = config
+    HookRegistry.register(f"{_SCHED}.__init__", _after_init, HookType.AFTER)
+    HookRegistry.register(f"{_SCHED}._create_generation_req", _after_create_req, HookType.AFTER)
+    HookRegistry.register(f"{_SCHED}.ingest_requests", _before_ingest, HookType.BEFORE)
+    HookRegistry.register(f"{_SCHED}.get_next_batch_to_run", _before_next_batch,
+                          HookType.BEFORE)
+    HookRegistry.register(f"{_SCHED}.update_running_batch", _around_update_running,
+                          HookType.AROUND)
+    HookRegistry.register(f"{_BATCH}.prepare_for_decode", _around_prepare_decode,
+                          HookType.AROUND)
+    HookRegistry.register(f"{_SCHED}.run_batch", _around_run_batch, HookType.AROUND)
+    HookRegistry.register(f"{_SCHED}.process_batch_result", _after_process_result,
+                          HookType.AFTER)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.invariant_checker."
+        "SchedulerInvariantChecker._requests_owning_rows", _after_owning_rows, HookType.AFTER)

@@ -1,0 +1,107 @@
+"""Per-step and cumulative figures of branch admission (pure Python + numpy)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class StepRecord:
+    end: float  # seconds (scheduler monotonic clock), when the step finished
+    seqs: int  # sequences that were candidates
+    kept: int  # sequences that decoded
+    held: int  # branches held out
+    groups: int  # branch groups present
+    branches: int  # branch sequences that decoded
+    max_width: int  # most branches of one group that decoded
+    budget: float  # seconds of slack budget for extras (inf: no critical request)
+    predicted: float  # seconds, predicted step time of the kept batch
+    measured: float  # seconds, measured step time
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d["budget"] = None if math.isinf(self.budget) else self.budget
+        return d
+
+
+class TaperStats:
+    """Cumulative counters plus a ring of recent steps."""
+
+    def __init__(self, policy: str, history: int = 512) -> None:
+        self.policy = policy
+        self.steps = 0  # decode steps observed
+        self.regulated_steps = 0  # steps with branches the controller decided on
+        self.unsafe_steps = 0  # steps with branches run whole (penalties, spec, ...)
+        self.held_branch_steps = 0  # sum over steps of branches held
+        self.branch_steps = 0  # sum over steps of branches that decoded
+        self.max_width = 0  # most branches of one group that decoded in one step
+        self.width_hist: dict[int, int] = {}  # branches of a group decoding -> group-steps
+        self.abs_err_sum = 0.0  # seconds, sum |measured - predicted| over regulated steps
+        self.rel_err_sum = 0.0
+        self.err_n = 0
+        self.history: deque[StepRecord] = deque(maxlen=history)
+        self._recent_err: deque[float] = deque(maxlen=history)
+        self.last_widths: dict[str, int] = {}  # group -> branches decoding, last step
+        self.decision_digest = 0  # running hash of decisions (equal across TP ranks)
+
+    def record(self, rec: StepRecord, widths: dict[str, int] | None, kept_ids=None) -> None:
+        self.steps += 1
+        if widths is None:
+            return
+        self.regulated_steps += 1
+        self.held_branch_steps += rec.held
+        self.branch_steps += rec.branches
+        self.max_width = max(self.max_width, rec.max_width)
+        for w in widths.values():
+            self.width_hist[w] = self.width_hist.get(w, 0) + 1
+        self.last_widths = widths
+        if rec.measured > 0:
+            err = rec.measured - rec.predicted
+            self.abs_err_sum += abs(err)
+            self.rel_err_sum += abs(err) / rec.measured
+            self.err_n += 1
+            self._recent_err.append(err)
+        self.history.append(rec)
+        if kept_ids is not None:
+            self.decision_digest = hash((self.decision_digest, tuple(kept_ids))) & (2**61 - 1)
+
+    def to_dict(self, history: bool = True) -> dict:
+        err = np.asarray(self._recent_err) if self._recent_err else np.zeros(1)
+        out = {
+            "policy": self.policy,
+            "steps": self.steps,
+            "regulated_steps": self.regulated_steps,
+            "unsafe_steps": self.unsafe_steps,
+            "held_branch_steps": self.held_branch_steps,
+            "branch_steps": self.branch_steps,
+            "mean_branch_width": self.branch_steps / max(1, self.regulated_steps),
+            "max_group_width": self.max_width,
+            "group_width_histogram": {str(k): v for k, v in sorted(self.width_hist.items())},
+            "last_group_widths": self.last_widths,
+            "prediction": {
+                "mean_abs_error_s": self.abs_err_sum / max(1, self.err_n),
+                "mean_rel_error": self.rel_err_sum / max(1, self.err_n),
+                "recent_p90_abs_error_s": float(np.quantile(np.abs(err), 0.9)),
+                "recent_over_fraction": float((err > 0).mean()),
+            },
+            "decision_digest": self.decision_digest,
+        }
+        if self.history:
+            last = self.history[-1]
+            out["last"] = last.to_dict()
+        if history:
+            out["history"] = [r.to_dict() for r in self.history]
+        return out
+
+    def summary(self) -> str:
+        return (
+            f"TAPER policy={self.policy} steps={self.steps} regulated={self.regulated_steps} "
+            f"mean_width={self.branch_steps / max(1, self.regulated_steps):.2f} "
+            f"max_width={self.max_width} held_branch_steps={self.held_branch_steps} "
+            f"pred_err={1e3 * self.abs_err_sum / max(1, self.err_n):.2f}ms "
+            f"({100 * self.rel_err_sum / max(1, self.err_n):.1f}%)"
+        )

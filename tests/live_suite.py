@@ -1,0 +1,77 @@
+"""A mixed set of branch workloads run against a live server, for comparing
+outputs across policies: every fork program, nested forks, n>1 on /generate
+and on the OpenAI-compatible endpoints, all at once, beside a latency-critical
+request with a very tight TPOT SLO (so that `taper` has reason to hold)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.conftest import post_json
+
+
+def _programs(url: str) -> dict:
+    from programs.agentic_tools import agentic_tools
+    from programs.parallel_reasoning import parallel_reasoning
+    from programs.self_consistency import self_consistency
+    from programs.skeleton_of_thought import skeleton_of_thought
+    from programs.tree_of_thought import nested_fork, tree_of_thought
+    from sglang_taper import TaperEndpoint
+
+    be = TaperEndpoint(url)
+    return {
+        "parallel_reasoning": lambda: parallel_reasoning.run(question="q", width=5, backend=be),
+        "self_consistency": lambda: self_consistency.run(problem="p", width=4, backend=be),
+        "skeleton_of_thought": lambda: skeleton_of_thought.run(topic="t", points=3, backend=be),
+        "agentic_tools": lambda: agentic_tools.run(task="x", calls=3, backend=be),
+        "tree_of_thought": lambda: tree_of_thought.run(problem="y", depth=2, breadth=3,
+                                                       backend=be),
+        "nested_fork": lambda: nested_fork.run(question="z", outer=2, inner=3, backend=be),
+    }
+
+
+def _n_generate(url: str) -> list:
+    out = post_json(url + "/generate", {
+        "text": "Sample several continuations of this shared prompt:",
+        "sampling_params": {"n": 4, "max_new_tokens": 24, "temperature": 0,
+                            "ignore_eos": True},
+    })
+    return sorted(o["output_ids"] for o in out)
+
+
+def _openai(url: str, path: str, body: dict) -> list:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        choices = json.loads(r.read())["choices"]
+    return sorted(c.get("text") or c["message"]["content"] for c in choices)
+
+
+def _critical(url: str) -> list:
+    out = post_json(url + "/generate", {
+        "text": "A latency-critical chat turn:",
+        "sampling_params": {"max_new_tokens": 160, "temperature": 0, "ignore_eos": True,
+                            "custom_params": {"taper_tpot": 0.001}},
+    })
+    return out["output_ids"]
+
+
+def run_suite(url: str) -> dict:
+    jobs = {name: fn for name, fn in _programs(url).items()}
+    jobs["n_generate"] = lambda: _n_generate(url)
+    jobs["openai_completions"] = lambda: _openai(url, "/v1/completions", {
+        "model": "default", "prompt": "Complete in three ways:", "n": 3, "max_tokens": 20,
+        "temperature": 0, "ignore_eos": True})
+    jobs["openai_chat"] = lambda: _openai(url, "/v1/chat/completions", {
+        "model": "default", "messages": [{"role": "user", "content": "Answer twice."}],
+        "n": 2, "max_tokens": 20, "temperature": 0, "ignore_eos": True})
+    jobs["critical"] = lambda: _critical(url)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(fn) for name, fn in jobs.items()}
+        results = {name: f.result(timeout=600) for name, f in futures.items()}
+    out = {name: (r.ret_value if hasattr(r, "ret_value") else r) for name, r in results.items()}
+    missing = [name for name, v in out.items() if not v]
+    assert not missing, f"no output from {missing}"
+    return out

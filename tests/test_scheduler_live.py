@@ -1,0 +1,132 @@
+"""The patched scheduler against the real SGLang server (CPU engine)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.conftest import generate, get_json, post, post_json
+from tests.live_suite import run_suite
+
+pytestmark = pytest.mark.live
+
+# SGLang's KV conservation check after every scheduling pass: a leak (or a
+# held request it cannot see) fails an assertion inside the scheduler.
+STRICT = {**os.environ, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
+POLICIES = ["eager", "off", "cap:2", "taper"]
+
+
+def server(pool, policy: str, *extra: str):
+    return pool.get(["--taper-policy", policy, *extra], env=STRICT)
+
+
+def stats(srv) -> dict:
+    return get_json(srv.url + "/taper/stats")
+
+
+@pytest.fixture(scope="module")
+def outputs_by_policy(server_pool) -> dict:
+    out = {}
+    for policy in POLICIES:
+        srv = server(server_pool, policy)
+        out[policy] = (run_suite(srv.url), stats(srv))
+    return out
+
+
+def test_greedy_outputs_identical_under_every_policy(outputs_by_policy):
+    reference, _ = outputs_by_policy["eager"]
+    for policy in POLICIES[1:]:
+        got, _ = outputs_by_policy[policy]
+        for name in reference:
+            assert got[name] == reference[name], f"{policy}: {name} differs from eager"
+
+
+def test_regulation_is_real(outputs_by_policy):
+    _, eager = outputs_by_policy["eager"]
+    _, off = outputs_by_policy["off"]
+    _, cap2 = outputs_by_policy["cap:2"]
+    _, taper = outputs_by_policy["taper"]
+    assert eager["held_branch_steps"] == 0 and eager["max_group_width"] >= 5
+    assert off["max_group_width"] == 1 and off["held_branch_steps"] > 0
+    assert cap2["max_group_width"] == 2 and cap2["held_branch_steps"] > 0
+    assert taper["held_branch_steps"] > 0
+    for s in (eager, off, cap2, taper):
+        assert s["regulated_steps"] > 0 and s["unsafe_steps"] == 0
+        kv = s["kv"]
+        assert kv["running_reqs"] == 0 and kv["held_reqs"] == 0
+        assert kv["available"] + kv["evictable"] == kv["capacity"] and kv["protected"] == 0
+
+
+def _wait_idle(srv, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kv = stats(srv)["kv"]
+        if kv["running_reqs"] == 0 and kv["held_reqs"] == 0 and kv["protected"] == 0:
+            return kv
+        time.sleep(0.2)
+    raise AssertionError(f"server not idle after {timeout} s: {stats(srv)['kv']}")
+
+
+def test_abort_frees_kv_of_running_and_held_branches(server_pool):
+    srv = server(server_pool, "off")
+    idle = _wait_idle(srv)
+    rids = [f"abort-b{i}" for i in range(4)]
+    results: dict[str, dict] = {}
+
+    def branch(i: int) -> None:
+        results[rids[i]] = post_json(srv.url + "/generate", {
+            "text": "A long shared prefix for the abort test. " * 8, "rid": rids[i],
+            "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True,
+                                "custom_params": {"taper_group": "abort-g", "taper_branch": i,
+                                                  "taper_width": 4}}})
+
+    threads = [threading.Thread(target=branch, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    # Held requests rejoin the running batch at the start of every pass (where
+    # aborts and stats requests are handled too), so progress shows as steps.
+    start = stats(srv)["regulated_steps"]
+    deadline = time.monotonic() + 60
+    while stats(srv)["regulated_steps"] < start + 30:
+        assert time.monotonic() < deadline, "the group never decoded"
+        time.sleep(0.05)
+    # Abort the held branches first, then the running one.
+    for rid in (rids[3], rids[2], rids[1], rids[0]):
+        post(srv.url + "/abort_request", {"rid": rid})
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == sorted(rids)
+    for r in results.values():
+        assert r["meta_info"]["finish_reason"]["type"] == "abort"
+    tokens = [results[rid]["meta_info"]["completion_tokens"] for rid in rids]
+    # Under `off` branch 0 decoded; 1-3 were held since their prefill token and
+    # ran one last step to finish as aborted.
+    assert 30 <= tokens[0] < 4000 and all(t <= 2 for t in tokens[1:]), tokens
+    kv = _wait_idle(srv)
+    assert kv["available"] + kv["evictable"] == kv["capacity"]
+    assert kv["available"] + kv["evictable"] == idle["available"] + idle["evictable"]
+    assert srv.proc.poll() is None and generate(srv.url, "still serving")["output_ids"]
+
+
+@pytest.mark.parametrize("custom, needle", [
+    ({"taper_group": 5}, "taper_group"),
+    ({"taper_group": "g", "taper_width": 0}, "taper_width"),
+    ({"taper_group": "g", "taper_width": 2, "taper_branch": 2}, "taper_branch"),
+    ({"taper_tpot": -1.0}, "taper_tpot"),
+    ({"taper_bogus": 1}, "unknown TAPER key"),
+    ({"taper_branch": 1}, "need taper_group"),
+])
+def test_bad_metadata_is_a_client_error_and_the_server_keeps_serving(server_pool, custom,
+                                                                      needle):
+    srv = server(server_pool, "taper")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post_json(srv.url + "/generate", {"text": "hi", "sampling_params": {
+            "max_new_tokens": 4, "custom_params": custom}})
+    assert err.value.code == 400
+    assert needle in err.value.read().decode()
+    assert generate(srv.url, "still fine", max_new_tokens=4)["meta_info"]["completion_tokens"] == 4
