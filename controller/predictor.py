@@ -102,13 +102,26 @@ class StepTimePredictor:
         self.observed = 0
 
     @property
+    def w(self) -> np.ndarray:
+        """Weights in seconds per scaled feature, in FEATURES order."""
+        if self._stale:
+            self._set_weights(
+                np.linalg.solve(self._A + self._ridge, self._b + self._ridge @ self.prior)
+            )
+        return self._w
+
+    @property
     def unit_costs(self) -> np.ndarray:
         """Non-negative weights in seconds per *unscaled* feature unit."""
+        if self._stale:
+            self.w  # noqa: B018 (solves)
         return self._unit
 
     def _set_weights(self, w: np.ndarray) -> None:
-        self.w = w
+        self._w = w
         self._unit = np.maximum(w, 0.0) / SCALE
+        self._stale = False
+        self._pending = 0  # observations since the last solve
 
     def predict(self, x: np.ndarray) -> float:
         """Mean predicted step time, seconds, of scaled features x."""
@@ -121,16 +134,19 @@ class StepTimePredictor:
 
     def update(self, x: np.ndarray, y: float) -> None:
         """One observation: scaled features x, measured step time y (seconds)."""
-        resid = y - float(self.w @ x)  # a-priori residual, for the upper bound
+        # A-priori residual, for the upper bound, against the last solved weights
+        # (re-solved at least every 8 observations when no decision reads them).
+        if self._pending >= 8:
+            self.w  # noqa: B018 (solves)
+        resid = y - float(self._w @ x)
         self._resid[self._n_resid % len(self._resid)] = resid
         self._n_resid += 1
         self._A *= self.lam
         self._A += np.outer(x, x)
         self._b *= self.lam
         self._b += x * y
-        self._set_weights(
-            np.linalg.solve(self._A + self._ridge, self._b + self._ridge @ self.prior)
-        )
+        self._stale = True  # solved on the next read: steps without a decision rarely pay
+        self._pending += 1
         self.observed += 1
         if self._n_resid <= 32 or self._n_resid % 8 == 0:
             filled = self._resid[: min(self._n_resid, len(self._resid))]

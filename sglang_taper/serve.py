@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                            help=f"TaperConfig.{f.name} (default: {default})")
     p.add_argument("--taper-device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: CPU settings when no NVIDIA device is present")
+    p.add_argument("--taper-overlap", action="store_true",
+                   help="on CPU, keep SGLang's overlap scheduler (off by default there: "
+                   "with it a fork's prefix reaches the radix cache a step late)")
     return p
 
 
@@ -122,6 +125,8 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         if model is None:
             args = ["--model-path", str(tiny), *args]
         for flag, value in CPU_DEFAULTS:
+            if flag == "--disable-overlap-schedule" and ns.taper_overlap:
+                continue
             if not _has(args, flag):
                 args += [flag] if value is None else [flag, value]
         env = assets.cpu_env(env)

@@ -130,3 +130,37 @@ def test_bad_metadata_is_a_client_error_and_the_server_keeps_serving(server_pool
     assert err.value.code == 400
     assert needle in err.value.read().decode()
     assert generate(srv.url, "still fine", max_new_tokens=4)["meta_info"]["completion_tokens"] == 4
+
+
+def test_overlap_scheduler_keeps_outputs_identical(server_pool):
+    """SGLang's overlap loop lags output and finish state one step; held
+    branches must still generate exactly what they would under eager."""
+    ref = None
+    for policy in ("eager", "off"):
+        srv = server(server_pool, policy, "--taper-overlap")
+        out = run_suite(srv.url)
+        st = stats(srv)
+        if ref is None:
+            ref = out
+        else:
+            assert out == ref
+            assert st["held_branch_steps"] > 0 and st["max_group_width"] == 1
+
+
+def test_prometheus_metrics_beside_sglangs(server_pool):
+    from programs.fork_demo import fork_demo
+    from sglang_taper import TaperEndpoint
+
+    srv = server(server_pool, "cap:2", "--enable-metrics")
+    fork_demo.run(question="metrics", width=4, branch_tokens=12,
+                  backend=TaperEndpoint(srv.url))
+    with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("taper_") and " " in line}
+    assert values["taper_held_branch_steps_total"] > 0
+    assert values["taper_regulated_steps_total"] > 0
+    assert "taper_measured_step_seconds" in values and "taper_group_width_count" in values
+    assert any(line.startswith("sglang:") for line in text.splitlines())  # SGLang's own
+    st = stats(srv)
+    assert st["held_branch_steps"] == values["taper_held_branch_steps_total"]

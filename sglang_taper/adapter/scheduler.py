@@ -70,6 +70,22 @@ class _ReqMeta:
         self.first_token = math.nan
 
 
+def _timed(method):
+    """Accumulate the method's own time in `self.hook_seconds` (what TAPER adds to
+    the scheduler's critical path)."""
+
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.hook_seconds += time.perf_counter() - t0
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
 class SchedulerRuntime:
     """TAPER's state inside one scheduler process."""
 
@@ -86,6 +102,8 @@ class SchedulerRuntime:
         self._pending = None  # (batch, decision, view, keep) of the step being built
         self._rank0_decision = None
         self._metrics = None
+        self.hook_seconds = 0.0  # seconds spent in regulate/on_run/on_result
+        self.decode_seconds = 0.0  # seconds of measured decode steps
         args = scheduler.server_args
         self.tp_size = scheduler.tp_size
         self.scheduler = scheduler
@@ -136,6 +154,7 @@ class SchedulerRuntime:
 
     # ----------------------------------------------------------- decode step
 
+    @_timed
     def regulate(self, batch) -> None:
         """Decide which sequences of `batch` decode; park the rest in `self.held`."""
         reqs = batch.reqs
@@ -217,6 +236,7 @@ class SchedulerRuntime:
         running_batch.merge_batch(held)
         return running_batch
 
+    @_timed
     def on_run(self, batch) -> None:
         """After `run_batch` launched a decode step (forward_iter is set)."""
         pending, self._pending = self._pending, None
@@ -238,6 +258,7 @@ class SchedulerRuntime:
         d.ids = view.ids
         return d
 
+    @_timed
     def on_result(self, batch) -> None:
         """After the result of a step was processed: observe and record."""
         now = time.monotonic()
@@ -253,6 +274,7 @@ class SchedulerRuntime:
             return
         decision, view, keep = entry
         step_time = now - batch.launch_ts
+        self.decode_seconds += step_time
         self.controller.observe(StepResult(decision, step_time=step_time, end=now))
         widths, rec = None, None
         if view is not None:
@@ -302,6 +324,11 @@ class SchedulerRuntime:
             "regulating": not self.disabled,
             "disabled_reason": self.disabled,
             "config": self.config.to_json(),
+            "overhead": {"hook_seconds": self.hook_seconds,
+                         "decode_seconds": self.decode_seconds,
+                         "hook_us_per_step": 1e6 * self.hook_seconds / max(1, self.stats.steps),
+                         "fraction_of_decode": self.hook_seconds / max(1e-9,
+                                                                       self.decode_seconds)},
             "predictor": {"weights": self.controller.predictor.w.tolist(),
                           "observed": self.controller.predictor.observed,
                           "upper_margin_s": self.controller.predictor.upper_margin,
