@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -101,25 +100,19 @@ async def no_branch_load(url: str, n: int, tokens: int) -> float:
 
 
 def part_b(ns) -> dict:
-    from sglang_taper.cpu import assets
-    from sglang_taper.serve import CPU_DEFAULTS
+    from sglang_taper.serve import build_launch
 
-    _, model = assets.ensure_cpu_assets()
-    cpu_args = [x for f, v in CPU_DEFAULTS for x in ([f] if v is None else [f, v])]
-    stock_env = {k: v for k, v in assets.cpu_env().items() if not k.startswith("TAPER_")}
+    # One command line and environment for both; only the plugin's switch differs.
+    launch = build_launch(["--taper-policy", "taper", "--log-level", "warning"])
+    stock_env = {k: v for k, v in launch.env.items() if not k.startswith("TAPER_")}
     runs: dict[str, list[float]] = {"stock": [], "taper": []}
     hook = {}
     for rnd in range(ns.rounds):
         order = ("stock", "taper") if rnd % 2 == 0 else ("taper", "stock")
         for kind in order:
-            if kind == "stock":
-                srv = ServerProcess(["--model-path", str(model), *cpu_args,
-                                     "--log-level", "warning"],
-                                    cmd=[sys.executable, "-m", "sglang.launch_server"],
-                                    env=stock_env, log_path=Path(ns.logs) / "overhead-stock.log")
-            else:
-                srv = ServerProcess(["--taper-policy", "taper", "--log-level", "warning"],
-                                    log_path=Path(ns.logs) / "overhead-taper.log")
+            srv = ServerProcess(cmd=launch.cmd,
+                                env=stock_env if kind == "stock" else launch.env,
+                                log_path=Path(ns.logs) / f"overhead-{kind}.log")
             with srv:
                 asyncio.run(_warm(srv.url))
                 # The first full-size runs of a fresh server are slow (allocator

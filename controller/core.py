@@ -31,7 +31,7 @@ class Controller:
         spec = self.config.policy_spec
         self.policy_name = str(spec)
         self._policy = make_policy(spec)
-        self._needs_counts = POLICIES[spec.name].needs_counts
+        self._order = POLICIES[spec.name].order
         model = StepTimeModel.load(self.config.profile) if self.config.profile else None
         self.predictor = StepTimePredictor(
             model,
@@ -86,21 +86,21 @@ class Controller:
         )
 
         if len(extras):
+            if self._order != "none":
+                lax = self._laxity(view, order, head, extras)
+                if self._order == "group":  # cap: groups contiguous, least laxity first
+                    pri = np.lexsort((view.branch[extras], lax, g[extras]))
+                else:
+                    pri = np.lexsort((view.branch[extras], g[extras], lax))
+                extras = extras[pri]
             ext_g = g[extras]
-            pri = np.lexsort((view.branch[extras], view.generated[extras], ext_g))
-            extras, ext_g = extras[pri], ext_g[pri]
             own = kv[extras] - view.shared_len[extras] if cascade else kv[extras]
             costs = w[1] + w[2] * own
-            idx = np.arange(len(extras))
-            start = np.empty(len(extras), dtype=bool)
-            start[0] = True
-            np.not_equal(ext_g[1:], ext_g[:-1], out=start[1:])
-            rank = idx - np.maximum.accumulate(np.where(start, idx, 0))
-            counts = (
-                self._mandatory_counts(gs, head, mandatory[order], ext_g)
-                if self._needs_counts
-                else _EMPTY
-            )
+            if self._order == "group":
+                rank = self._run_rank(ext_g)
+                counts = self._mandatory_counts(gs, head, mandatory[order], ext_g)
+            else:
+                rank, counts = _EMPTY, _EMPTY
             admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget))
             admitted = extras[admit]
             externality = float(costs[admit].sum())
@@ -124,13 +124,49 @@ class Controller:
             ids=view.ids,
         )
 
+    def _laxity(self, view: StepView, order: np.ndarray, head: np.ndarray,
+                extras: np.ndarray) -> np.ndarray:
+        """Seconds each extra branch has in hand before its stage's deadline.
+
+        A branch group's stage is due at  D = a + TTFT + (L - 1) * TPOT * stretch
+        (a: the group's earliest arrival, L: the largest max_new_tokens among its
+        running members, stretch: `branch_stretch`), and a branch with r tokens
+        still to generate needs about r steps at the (1 - margin) * TPOT pace:
+
+            laxity = D - now - r * (1 - margin) * TPOT        [seconds]
+
+        Sequences that report no max_new_tokens (0) count as having none left.
+        """
+        run_of = np.cumsum(head) - 1  # position in `order` -> group run index
+        where = np.empty(len(order), dtype=np.int64)
+        where[order] = run_of
+        starts = np.flatnonzero(head)
+        lmax = np.maximum.reduceat(view.max_new[order], starts)
+        first = np.minimum.reduceat(view.arrival[order], starts)
+        gi = where[extras]
+        tpot = view.tpot_slo[extras]
+        due = (first[gi] + view.ttft_slo[extras]
+               + np.maximum(lmax[gi] - 1, 0) * tpot * self.config.branch_stretch)
+        remaining = np.maximum(view.max_new[extras] - view.generated[extras], 0)
+        return due - view.now - remaining * (1.0 - self.config.margin) * tpot
+
+    @staticmethod
+    def _run_rank(ext_g: np.ndarray) -> np.ndarray:
+        """Rank of each extra within its run of equal group codes (groups contiguous)."""
+        m = len(ext_g)
+        start = np.empty(m, dtype=bool)
+        start[0] = True
+        np.not_equal(ext_g[1:], ext_g[:-1], out=start[1:])
+        idx = np.arange(m)
+        return idx - np.maximum.accumulate(np.where(start, idx, 0))
+
     def passthrough(self, n_seqs: int, kv_tokens: int) -> Decision:
         """A decision that runs a whole batch the controller was not asked about
         (no branches in it), so that observe() still learns from the step."""
         keep = np.arange(n_seqs, dtype=np.int64)
         x = np.array([1.0, n_seqs, kv_tokens, 0.0, 0.0])
-        t = float(self.predictor.unit_costs @ x)
-        return Decision(keep, _EMPTY, n_seqs, math.inf, 0.0, t, x / SCALE, ())
+        # No prediction (NaN): reading the weights would re-solve the fit every step.
+        return Decision(keep, _EMPTY, n_seqs, math.inf, 0.0, math.nan, x / SCALE, ())
 
     @staticmethod
     def _group_prefix(groups: np.ndarray, shared: np.ndarray) -> int:

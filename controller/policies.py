@@ -6,11 +6,12 @@ branches held too long) and the optional extra branches in priority order. A
 policy returns how many of those extras, or which, to admit.
 
 Priority order of extras (documented contract, used by `cap` and `taper`):
-older group first (smaller group code), then the branch with the fewest tokens
-generated, then the lower branch index. Least-progress-first keeps a group's
-branches level, so a group finishes when its slots run out together rather
-than waiting on one laggard; oldest-group-first lets the earliest program
-reach its join first.
+least laxity first, i.e. the branch with the least time in hand before its
+stage's deadline given the tokens it still has to generate (see
+`Controller._laxity`), then the older group, then the lower branch index.
+Across groups this is earliest-deadline-first; within a group the branch with
+the most work left goes first, which keeps a group's branches finishing
+together rather than waiting on one laggard.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from controller.config import PolicySpec
 class Candidates:
     """Input of a policy for one step."""
 
-    extras: np.ndarray  # int64 view indices of optional branches, priority order
+    extras: np.ndarray  # int64 view indices of optional branches (see PolicyEntry.order)
     extra_group: np.ndarray  # int64 group code of each extra
-    extra_rank: np.ndarray  # int64 rank of each extra among its group's extras (0-based)
-    mandatory_in_group: np.ndarray  # int64, per extra: mandatory members of its group
+    extra_rank: np.ndarray  # int64 rank among its group's extras (0-based); cap only
+    mandatory_in_group: np.ndarray  # int64, per extra: mandatory members of its group; cap only
     costs: np.ndarray  # float64 seconds, marginal predicted step time of each extra
     budget: float  # seconds available to extras (may be negative, or +inf)
 
@@ -44,16 +45,19 @@ class PolicyEntry:
     usage: str  # how it is written, e.g. "cap:K"
     takes_arg: bool
     make: Callable[[int | None], Policy]
-    needs_counts: bool = False  # needs Candidates.mandatory_in_group
+    # How the controller orders the extras for it: "none" (all or nothing),
+    # "group" (groups contiguous, each in priority order; fills rank and counts),
+    # "global" (priority order across groups).
+    order: str = "global"
 
 
 POLICIES: dict[str, PolicyEntry] = {}
 
 
 def register(name: str, usage: str | None = None, takes_arg: bool = False,
-             needs_counts: bool = False):
+             order: str = "global"):
     def deco(make: Callable[[int | None], Policy]):
-        POLICIES[name] = PolicyEntry(name, usage or name, takes_arg, make, needs_counts)
+        POLICIES[name] = PolicyEntry(name, usage or name, takes_arg, make, order)
         return make
 
     return deco
@@ -63,19 +67,19 @@ def make_policy(spec: PolicySpec) -> Policy:
     return POLICIES[spec.name].make(spec.arg)
 
 
-@register("off")
+@register("off", order="none")
 def _off(_: int | None) -> Policy:
     """No branch parallelism: one branch per group decodes, the rest wait."""
     return lambda c: np.zeros(len(c.extras), dtype=bool)
 
 
-@register("eager")
+@register("eager", order="none")
 def _eager(_: int | None) -> Policy:
     """Every branch decodes in every step (stock SGLang behaviour)."""
     return lambda c: np.ones(len(c.extras), dtype=bool)
 
 
-@register("cap", usage="cap:K", takes_arg=True, needs_counts=True)
+@register("cap", usage="cap:K", takes_arg=True, order="group")
 def _cap(k: int | None) -> Policy:
     """At most K sequences per group decode in a step (mandatory ones count)."""
     assert k is not None and k >= 1

@@ -38,6 +38,7 @@ class Seq:
     first_token: float | None = None  # seconds, when its first token was produced
     generated: int = 0  # output tokens produced so far (the first included)
     critical: bool | None = None  # latency-critical; default: True iff not in a group
+    max_new: int = 0  # the request's max_new_tokens (0: unknown)
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +61,7 @@ class StepView:
     first_token: np.ndarray  # float64, seconds; NaN before the first token
     generated: np.ndarray  # int64, output tokens so far
     critical: np.ndarray  # bool, latency-critical (ordinary request or serial stage)
+    max_new: np.ndarray  # int64, the request's max_new_tokens (0: unknown)
     now: float = 0.0  # seconds, when the decision is asked for
     waiting: int = 0  # requests in the engine's waiting queue
     prefill_tokens: int = 0  # prefill tokens planned into this same step (mixed steps)
@@ -99,6 +101,7 @@ class StepView:
             first_token=first,
             generated=col("generated", np.int64),
             critical=critical,
+            max_new=col("max_new", np.int64),
             now=now,
             waiting=waiting,
             prefill_tokens=prefill_tokens,

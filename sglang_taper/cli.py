@@ -79,3 +79,12 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS["demo"] = (_demo, "start a server and run a fork program against it")
+
+
+def _bench(argv: list[str]) -> int:
+    from bench.cli import main as bench_main
+
+    return bench_main(argv)
+
+
+COMMANDS["bench"] = (_bench, "the live benchmark: a workload under each policy")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -59,15 +60,15 @@ class TaperStats:
         for w in widths.values():
             self.width_hist[w] = self.width_hist.get(w, 0) + 1
         self.last_widths = widths
-        if rec.measured > 0:
+        if rec.measured > 0 and not math.isnan(rec.predicted):
             err = rec.measured - rec.predicted
             self.abs_err_sum += abs(err)
             self.rel_err_sum += abs(err) / rec.measured
             self.err_n += 1
             self._recent_err.append(err)
         self.history.append(rec)
-        if kept_ids is not None:
-            self.decision_digest = hash((self.decision_digest, tuple(kept_ids))) & (2**61 - 1)
+        if kept_ids is not None:  # crc32, not hash(): str hashes differ between processes
+            self.decision_digest = zlib.crc32("\n".join(kept_ids).encode(), self.decision_digest)
 
     def to_dict(self, history: bool = True) -> dict:
         err = np.asarray(self._recent_err) if self._recent_err else np.zeros(1)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from controller import Controller, Seq, TaperConfig
+from controller import Controller, Seq, StepView, TaperConfig
 from tests.scripted import Script
 
 
@@ -94,3 +94,32 @@ def test_config_json_round_trip_and_unknown_field():
     assert TaperConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="no field 'bogus'"):
         TaperConfig.from_json('{"bogus": 1}')
+
+
+def test_taper_admits_the_most_urgent_branches_first():
+    """Least laxity first: with room for two extras, the group closer to its
+    stage deadline gets them, and within it the branches with most work left."""
+
+    def make(first_token: float) -> list[Seq]:
+        seqs = [Seq("serial", kv_len=100, generated=5, first_token=first_token,
+                    tpot_slo=0.01)]
+        # Group 0 is older, but its long branches give it a far deadline (laxity ~18 s).
+        seqs += [Seq(f"a{i}", group=0, branch=i, width=4, kv_len=100, generated=2,
+                     max_new=400, arrival=7.0, first_token=7.1, tpot_slo=0.05)
+                 for i in range(4)]
+        # Group 1 is younger with short branches, due soon (laxity 2.0 to 3.0 s).
+        seqs += [Seq(f"b{i}", group=1, branch=i, width=4, kv_len=100, generated=2,
+                     max_new=30 + 10 * i, arrival=8.0, first_token=8.1, tpot_slo=0.05)
+                 for i in range(4)]
+        return seqs
+
+    ctl = Controller(TaperConfig(policy="taper", margin=0.0))
+    now = 10.0
+    t_mand = Controller(TaperConfig(policy="off")).decide(StepView.from_seqs(make(9.0), now))
+    per_extra = ctl.predictor.unit_costs[1] + ctl.predictor.unit_costs[2] * 100
+    # Slack = next deadline - now = first_token + 5 * tpot - now; leave room for 2.5 extras.
+    slack = t_mand.predicted + 2.5 * per_extra
+    view = StepView.from_seqs(make(now + slack - 5 * 0.01), now)
+    d = ctl.decide(view)
+    extras = sorted(view.ids[i] for i in d.keep if view.ids[i] not in ("serial", "a0", "b0"))
+    assert extras == ["b2", "b3"]

@@ -65,7 +65,8 @@ class _ReqMeta:
 
     def __init__(self, group: str | None, row: list[float]) -> None:
         self.group = group  # group name, None if ordinary
-        # code, branch, width, ttft, tpot, arrival, first_token, critical, prompt_len, shared
+        # code, branch, width, ttft, tpot, arrival, first_token, critical, prompt_len, shared,
+        # max_new_tokens
         self.row = row
         self.first_token = math.nan
 
@@ -75,11 +76,13 @@ def _timed(method):
     the scheduler's critical path)."""
 
     def wrapper(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # vDSO clock; time.thread_time() is a slow syscall here
         try:
             return method(self, *args, **kwargs)
         finally:
-            self.hook_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.hook_seconds += dt
+            self.hook_split[method.__name__] = self.hook_split.get(method.__name__, 0.0) + dt
 
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__
@@ -103,6 +106,7 @@ class SchedulerRuntime:
         self._rank0_decision = None
         self._metrics = None
         self.hook_seconds = 0.0  # seconds spent in regulate/on_run/on_result
+        self.hook_split: dict[str, float] = {}  # the same, per method
         self.decode_seconds = 0.0  # seconds of measured decode steps
         args = scheduler.server_args
         self.tp_size = scheduler.tp_size
@@ -145,7 +149,7 @@ class SchedulerRuntime:
         req._taper = _ReqMeta(meta.group, [
             code, branch, meta.width, meta.ttft or cfg.default_ttft_slo,
             meta.tpot or cfg.default_tpot_slo, time.monotonic(), math.nan, critical,
-            len(req.origin_input_ids), 0,
+            len(req.origin_input_ids), 0, req.sampling_params.max_new_tokens or 0,
         ])
 
     def _prune_groups(self) -> None:
@@ -206,6 +210,7 @@ class SchedulerRuntime:
             first_token=rows[:, 6],
             generated=generated,
             critical=rows[:, 7].astype(bool),
+            max_new=rows[:, 10].astype(np.int64),
             now=now,
             pinned=pinned if pinned.any() else None,
         )
@@ -242,7 +247,8 @@ class SchedulerRuntime:
         pending, self._pending = self._pending, None
         if pending is None or pending[0] is not batch:
             n = len(batch.reqs)
-            kv = int(batch.seq_lens_cpu.sum()) if batch.seq_lens_cpu is not None else 0
+            # numpy, not a torch reduction: torch would wake its intra-op thread pool
+            kv = int(batch.seq_lens_cpu.numpy().sum()) if batch.seq_lens_cpu is not None else 0
             self.inflight[batch.forward_iter] = (self.controller.passthrough(n, kv), None, None)
             return
         _, decision, view, keep = pending
@@ -276,29 +282,27 @@ class SchedulerRuntime:
         step_time = now - batch.launch_ts
         self.decode_seconds += step_time
         self.controller.observe(StepResult(decision, step_time=step_time, end=now))
-        widths, rec = None, None
-        if view is not None:
-            g = view.group[keep]
-            branch_codes = g[g >= 0]
-            codes, counts = np.unique(branch_codes, return_counts=True)
-            names = {}
-            for r in batch.reqs:
-                m = getattr(r, "_taper", None)
-                if m is not None and m.group is not None:
-                    names[m.row[0]] = m.group
-            widths = {names.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts)}
-            rec = StepRecord(
-                end=now, seqs=len(view), kept=len(keep), held=len(view) - len(keep),
-                groups=len(np.unique(view.group[view.group >= 0])),
-                branches=len(branch_codes), max_width=int(counts.max()) if len(counts) else 0,
-                budget=decision.budget, predicted=decision.predicted, measured=step_time,
-            )
-        else:
-            rec = StepRecord(end=now, seqs=len(decision.keep), kept=len(decision.keep), held=0,
-                             groups=0, branches=0, max_width=0, budget=math.inf,
-                             predicted=decision.predicted, measured=step_time)
-        kept_ids = [view.ids[i] for i in keep] if view is not None else None
-        self.stats.record(rec, widths, kept_ids)
+        if view is None:  # a step without branches: learn from it, count it, nothing more
+            self.stats.steps += 1
+            if self._metrics is not None:
+                self._metrics.steps.inc()
+            return
+        g = view.group[keep]
+        branch_codes = g[g >= 0]
+        codes, counts = np.unique(branch_codes, return_counts=True)
+        names = {}
+        for r in batch.reqs:
+            m = getattr(r, "_taper", None)
+            if m is not None and m.group is not None:
+                names[m.row[0]] = m.group
+        widths = {names.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts)}
+        rec = StepRecord(
+            end=now, seqs=len(view), kept=len(keep), held=len(view) - len(keep),
+            groups=len(np.unique(view.group[view.group >= 0])),
+            branches=len(branch_codes), max_width=int(counts.max()) if len(counts) else 0,
+            budget=decision.budget, predicted=decision.predicted, measured=step_time,
+        )
+        self.stats.record(rec, widths, [view.ids[i] for i in keep])
         if self._metrics is not None:
             self._metrics.observe(rec, widths)
         if now - self._last_log > _LOG_EVERY_S and self.stats.regulated_steps:
@@ -324,7 +328,7 @@ class SchedulerRuntime:
             "regulating": not self.disabled,
             "disabled_reason": self.disabled,
             "config": self.config.to_json(),
-            "overhead": {"hook_seconds": self.hook_seconds,
+            "overhead": {"hook_seconds": self.hook_seconds, "by_method_s": self.hook_split,
                          "decode_seconds": self.decode_seconds,
                          "hook_us_per_step": 1e6 * self.hook_seconds / max(1, self.stats.steps),
                          "fraction_of_decode": self.hook_seconds / max(1e-9,

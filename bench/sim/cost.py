@@ -1,0 +1,211 @@
+"""Step-time cost models for the simulator, pluggable by name.
+
+Every model answers two questions, in seconds:
+    decode(n, kv, shared_unique, cascade)  one decode step of n sequences
+        attending kv KV tokens in all (with cascade attention, groups'
+        shared prefixes counted once: `shared_unique` is then what the
+        cascade reads once per group instead)
+    prefill(tokens, reqs)  one prefill step of `reqs` requests, `tokens` new tokens
+
+Models:
+- `linear`: a fitted linear model, saved as JSON by `taper profile` (fitted
+  against the live engine) — the CPU engine's model;
+- `analytic:<model>@<gpu>`: bytes over bandwidth and FLOPs over peak for Qwen3
+  models on H100/H200, every constant below with its public source;
+- `measured:<path>`: a table of measured decode steps (batch x context) for a
+  GPU, interpolated (see bench/sim/profiles/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class CostModel:
+    name = "base"
+    step_noise = 0.0  # relative std of step-time noise the simulator draws
+
+    def decode(self, n: int, kv: float, shared_unique: float = 0.0,
+               cascade: bool = False) -> float:
+        raise NotImplementedError
+
+    def prefill(self, tokens: int, reqs: int) -> float:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+@dataclass
+class LinearCost(CostModel):
+    """T_decode = a + b*n + c*kv (+ d*shared_unique with cascade, kv then counting
+    private tokens only); T_prefill = e + f*tokens + g*reqs. Seconds."""
+
+    a: float
+    b: float
+    c: float
+    e: float
+    f: float
+    g: float = 0.0
+    d: float = 0.0
+    gap: float = 0.0  # seconds of scheduler time between steps
+    noise: float = 0.0
+    name: str = "linear"
+
+    def __post_init__(self) -> None:
+        self.step_noise = self.noise
+
+    def decode(self, n, kv, shared_unique=0.0, cascade=False):
+        return self.a + self.b * n + self.c * kv + (self.d * shared_unique if cascade else 0.0)
+
+    def prefill(self, tokens, reqs):
+        return self.e + self.f * tokens + self.g * reqs
+
+    def describe(self):
+        return {"name": self.name, **{k: getattr(self, k) for k in "abcdefg"},
+                "gap": self.gap, "noise": self.noise}
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearCost:
+        data = json.loads(Path(path).read_text())
+        if data.get("kind") != "linear":
+            raise ValueError(f"{path}: not a linear cost model (kind={data.get('kind')!r})")
+        return cls(**{k: float(data[k]) for k in ("a", "b", "c", "e", "f")},
+                   g=float(data.get("g", 0.0)), d=float(data.get("d", 0.0)),
+                   gap=float(data.get("gap", 0.0)), noise=float(data.get("noise", 0.0)),
+                   name=f"linear:{Path(path).name}")
+
+    def save(self, path: str | Path, **extra) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"kind": "linear", **self.describe(), **extra},
+                                         indent=2))
+
+
+# ------------------------------------------------------------------ analytic
+
+# Model shapes: the models' config.json on the Hugging Face hub
+# (Qwen/Qwen3-8B, Qwen/Qwen3-32B): num_hidden_layers, hidden_size,
+# intermediate_size, num_attention_heads, num_key_value_heads, head_dim, vocab_size.
+MODELS = {
+    "qwen3-8b": dict(layers=36, hidden=4096, inter=12288, heads=32, kv_heads=8, head_dim=128,
+                     vocab=151936),
+    "qwen3-32b": dict(layers=64, hidden=5120, inter=25600, heads=64, kv_heads=8, head_dim=128,
+                      vocab=151936),
+}
+# GPUs: NVIDIA datasheets (H100 SXM5: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16;
+# H200 SXM: 4.8 TB/s HBM3e, same compute as H100). Achievable fractions: this
+# workplace measured an H200 at 4.3 TB/s on a device-to-device copy (0.9 of
+# the datasheet) and 788 TFLOP/s on a BF16 GEMM (0.8); decode kernels reach less
+# of either, so 0.8 of bandwidth and 0.6 of FLOPs are used (assumptions).
+GPUS = {
+    "h100": dict(bw=3.35e12, flops=989e12),
+    "h200": dict(bw=4.8e12, flops=989e12),
+}
+BW_EFF, FLOP_EFF = 0.8, 0.6
+# Per-step CPU/launch overhead of a CUDA-graph decode step and the scheduler's
+# own work, seconds (assumption, of the order SGLang reports for decode).
+STEP_OVERHEAD = 0.002
+
+
+def params(m: dict) -> float:
+    """Parameters of a dense Qwen3 decoder (q/k/v/o, SwiGLU MLP, norms, embed + head)."""
+    h, d = m["hidden"], m["head_dim"]
+    attn = h * (m["heads"] * d) * 2 + h * (m["kv_heads"] * d) * 2
+    mlp = 3 * h * m["inter"]
+    return m["layers"] * (attn + mlp + 2 * h) + 2 * m["vocab"] * h
+
+
+class AnalyticCost(CostModel):
+    """max(bytes / bandwidth, FLOPs / peak) + a fixed per-step overhead; BF16."""
+
+    def __init__(self, model: str, gpu: str, overhead: float = STEP_OVERHEAD) -> None:
+        if model not in MODELS or gpu not in GPUS:
+            raise ValueError(f"analytic model {model}@{gpu} unknown; models "
+                             f"{sorted(MODELS)}, gpus {sorted(GPUS)}")
+        self.m, self.g, self.overhead = MODELS[model], GPUS[gpu], overhead
+        self.name = f"analytic:{model}@{gpu}"
+        self.weight_bytes = 2.0 * params(self.m)
+        self.kv_bytes_per_token = 2.0 * 2 * self.m["layers"] * self.m["kv_heads"] * \
+            self.m["head_dim"]
+        self.flops_per_token = 2.0 * params(self.m)
+        # attention: QK^T and PV, per query token per KV token, all layers
+        self.attn_flops_per_kv = 4.0 * self.m["layers"] * self.m["heads"] * self.m["head_dim"]
+
+    def decode(self, n, kv, shared_unique=0.0, cascade=False):
+        kv_read = kv + (shared_unique if cascade else 0.0)
+        byts = self.weight_bytes + kv_read * self.kv_bytes_per_token
+        flops = n * self.flops_per_token + kv * self.attn_flops_per_kv
+        if cascade:
+            flops += shared_unique * self.attn_flops_per_kv
+        return self.overhead + max(byts / (self.g["bw"] * BW_EFF),
+                                   flops / (self.g["flops"] * FLOP_EFF))
+
+    def prefill(self, tokens, reqs):
+        byts = self.weight_bytes
+        flops = tokens * self.flops_per_token
+        return self.overhead + max(byts / (self.g["bw"] * BW_EFF),
+                                   flops / (self.g["flops"] * FLOP_EFF))
+
+    def describe(self):
+        return {"name": self.name, "model": self.m, "gpu": self.g, "bw_eff": BW_EFF,
+                "flop_eff": FLOP_EFF, "overhead_s": self.overhead,
+                "weight_bytes": self.weight_bytes, "kv_bytes_per_token": self.kv_bytes_per_token}
+
+
+class MeasuredCost(CostModel):
+    """Decode steps measured on a GPU over (batch, context length), bilinear in
+    batch and context, with prefill from the analytic model of the same GPU."""
+
+    def __init__(self, path: str | Path) -> None:
+        data = json.loads(Path(path).read_text())
+        self.name = f"measured:{Path(path).name}"
+        self.batches = np.asarray(data["batches"], dtype=float)
+        self.contexts = np.asarray(data["contexts"], dtype=float)
+        self.table = np.asarray(data["decode_s"], dtype=float)  # [batch, context]
+        self.meta = {k: v for k, v in data.items() if k != "decode_s"}
+        self._prefill = AnalyticCost(data.get("model", "qwen3-32b"), data.get("gpu", "h200"))
+
+    def decode(self, n, kv, shared_unique=0.0, cascade=False):
+        ctx = (kv + (shared_unique if cascade else 0.0)) / max(1, n)
+        # Interpolate over the measured grid; extrapolate linearly in batch beyond it.
+        rows = np.array([np.interp(ctx, self.contexts, row) for row in self.table])
+        if n <= self.batches[-1]:
+            return float(np.interp(n, self.batches, rows))
+        slope = (rows[-1] - rows[-2]) / (self.batches[-1] - self.batches[-2])
+        return float(rows[-1] + slope * (n - self.batches[-1]))
+
+    def prefill(self, tokens, reqs):
+        return self._prefill.prefill(tokens, reqs)
+
+    def describe(self):
+        return {"name": self.name, **self.meta}
+
+
+def load(spec: str) -> CostModel:
+    """`linear:PATH`, `analytic:MODEL@GPU`, `measured:PATH`, or a JSON path."""
+    kind, _, rest = spec.partition(":")
+    if kind == "analytic":
+        model, _, gpu = rest.partition("@")
+        return AnalyticCost(model, gpu)
+    if kind == "measured":
+        return MeasuredCost(rest)
+    if kind == "linear":
+        return LinearCost.load(rest)
+    if Path(spec).is_file():
+        data = json.loads(Path(spec).read_text())
+        return MeasuredCost(spec) if "decode_s" in data else LinearCost.load(spec)
+    raise ValueError(f"unknown cost model {spec!r}: use linear:PATH, analytic:MODEL@GPU "
+                     f"or measured:PATH")
+
+
+def check(model: CostModel) -> None:
+    """Sanity: positive, increasing in n and kv."""
+    a = model.decode(1, 1000)
+    b = model.decode(64, 64000)
+    if not (a > 0 and b > a and math.isfinite(b)):
+        raise ValueError(f"cost model {model.name} is not increasing: {a} -> {b}")
