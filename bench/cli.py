@@ -15,7 +15,7 @@ from bench import report
 from bench.metrics import SLOSpec, max_rate_at, request_tpot, summarize
 from bench.workload import WorkloadConfig, generate, load_jsonl, save_jsonl
 
-DEFAULT_POLICIES = "off,eager,cap:4,cap:16,taper"
+DEFAULT_POLICIES = "off,eager,cap:8,taper"
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -239,7 +239,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="programs in flight at most (default: unbounded)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--drain-timeout", type=float, default=90.0,
+    p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds after the last arrival before unfinished programs are "
                    "cut off as failed (an overloaded policy must not stall the run)")
     p.add_argument("serve_args", nargs=argparse.REMAINDER,

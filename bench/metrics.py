@@ -119,6 +119,7 @@ def summarize(records: list[ProgramRecord], spec: SLOSpec) -> dict:
         "parallel_stage_vs_deadline": _pcts(stage_ratio),
         "branch_width": _pcts([float(w) for w in widths]),
         "failures": reasons,
+        "error_samples": sorted({p.error for p in records if p.error})[:5],
         "by_kind": {k: {"n": v["n"], "attainment": v["met"] / v["n"],
                         "completion_s": _pcts(v["e2e"])} for k, v in sorted(by_kind.items())},
     }

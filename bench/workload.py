@@ -60,7 +60,7 @@ class Program:
 @dataclass(frozen=True, slots=True)
 class WorkloadConfig:
     num_programs: int = 40
-    rate: float = 1.0  # programs per second
+    rate: float = 0.6  # programs per second
     arrival: str = "poisson"  # "poisson" | "gamma"
     burstiness: float = 1.0  # Gamma shape; 1.0 is Poisson
     chat_fraction: float = 0.6

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from controller.config import TaperConfig
-from controller.policies import POLICIES, Candidates, make_policy
+from controller.policies import POLICIES, Candidates, Policy, make_policy
 from controller.predictor import SCALE, StepTimeModel, StepTimePredictor
 from controller.slack import step_budget
 from controller.view import Decision, StepResult, StepView
@@ -26,12 +26,16 @@ class Controller:
     time between steps, and how many steps in a row each held branch has waited.
     """
 
-    def __init__(self, config: TaperConfig | None = None) -> None:
+    def __init__(self, config: TaperConfig | None = None, policy: Policy | None = None,
+                 name: str | None = None) -> None:
+        """`policy`: a custom admission function over the priority-ordered extras
+        (the simulator's clairvoyant bound); otherwise `config.policy` from the
+        registry."""
         self.config = config or TaperConfig()
         spec = self.config.policy_spec
-        self.policy_name = str(spec)
-        self._policy = make_policy(spec)
-        self._order = POLICIES[spec.name].order
+        self.policy_name = name or str(spec)
+        self._policy = policy or make_policy(spec)
+        self._order = "global" if policy is not None else POLICIES[spec.name].order
         model = StepTimeModel.load(self.config.profile) if self.config.profile else None
         self.predictor = StepTimePredictor(
             model,
@@ -79,11 +83,8 @@ class Controller:
             kv_mand, prefix_mand = float(kv_m.sum()), 0.0
         x_mand = np.array([1.0, len(kv_m), kv_mand, view.prefill_tokens, prefix_mand])
         t_mand = float(w @ x_mand)
-        budget = (
-            step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap)
-            - t_mand
-            - self.predictor.upper_margin
-        )
+        slack = step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap)
+        budget = slack - t_mand - self.predictor.upper_margin
 
         if len(extras):
             if self._order != "none":
@@ -101,7 +102,8 @@ class Controller:
                 counts = self._mandatory_counts(gs, head, mandatory[order], ext_g)
             else:
                 rank, counts = _EMPTY, _EMPTY
-            admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget))
+            admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget,
+                                            len(kv_m), kv_mand, own, slack))
             admitted = extras[admit]
             externality = float(costs[admit].sum())
             mandatory[admitted] = True

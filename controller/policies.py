@@ -34,6 +34,11 @@ class Candidates:
     mandatory_in_group: np.ndarray  # int64, per extra: mandatory members of its group; cap only
     costs: np.ndarray  # float64 seconds, marginal predicted step time of each extra
     budget: float  # seconds available to extras (may be negative, or +inf)
+    # For policies with their own cost model (the simulator's clairvoyant bound):
+    base_n: int = 0  # sequences that run anyway
+    base_kv: float = 0.0  # KV tokens they attend
+    kv_own: np.ndarray | None = None  # KV tokens each extra would add
+    slack: float = float("inf")  # seconds before the tightest deadline, less the gap
 
 
 Policy = Callable[[Candidates], np.ndarray]  # -> bool mask over c.extras

@@ -88,3 +88,19 @@ def _bench(argv: list[str]) -> int:
 
 
 COMMANDS["bench"] = (_bench, "the live benchmark: a workload under each policy")
+
+
+def _sim(argv: list[str]) -> int:
+    from bench.sim.cli import main as sim_main
+
+    return sim_main(argv)
+
+
+def _profile(argv: list[str]) -> int:
+    from bench.sim.cli import profile_main
+
+    return profile_main(argv)
+
+
+COMMANDS["sim"] = (_sim, "simulate a workload under each policy with a cost model")
+COMMANDS["profile"] = (_profile, "fit the live engine's step-time model (for taper sim)")

@@ -120,6 +120,10 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
     if model is not None:
         if _looks_local(model) and not Path(model).expanduser().exists():
             raise ServeError(f"--model-path: no such directory: {model}")
+    if config.cascade and not _has(args, "--attention-backend"):
+        args += ["--attention-backend", "taper_cascade" if cpu else "taper_cascade_flashinfer"]
+        if not cpu and not _has(args, "--disable-cuda-graph"):
+            args.append("--disable-cuda-graph")  # cascade steps are eager-only
     if cpu:
         stub, tiny = assets.ensure_cpu_assets()
         if model is None:

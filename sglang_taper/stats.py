@@ -15,6 +15,7 @@ class StepRecord:
     end: float  # seconds (scheduler monotonic clock), when the step finished
     seqs: int  # sequences that were candidates
     kept: int  # sequences that decoded
+    kv: int  # KV tokens the kept sequences attend
     held: int  # branches held out
     groups: int  # branch groups present
     branches: int  # branch sequences that decoded

@@ -30,4 +30,8 @@ def install(config: TaperConfig) -> None:
 
     scheduler.install(config)
     server.install()
+    if config.cascade:
+        from sglang_taper.adapter import cascade_backend
+
+        cascade_backend.register()
     HookRegistry.register(_INTERNAL_STATE, _add_internal_state, HookType.AFTER)

@@ -297,7 +297,8 @@ class SchedulerRuntime:
                 names[m.row[0]] = m.group
         widths = {names.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts)}
         rec = StepRecord(
-            end=now, seqs=len(view), kept=len(keep), held=len(view) - len(keep),
+            end=now, seqs=len(view), kept=len(keep), kv=int(view.kv_len[keep].sum()),
+            held=len(view) - len(keep),
             groups=len(np.unique(view.group[view.group >= 0])),
             branches=len(branch_codes), max_width=int(counts.max()) if len(counts) else 0,
             budget=decision.budget, predicted=decision.predicted, measured=step_time,
@@ -437,6 +438,12 @@ def _around_prepare_decode(original, batch, *args, **kwargs):
 
 
 def _around_run_batch(original, scheduler, batch, *args, **kwargs):
+    if _config is not None and _config.cascade:
+        from sglang_taper.adapter.cascade_backend import set_batch_groups
+
+        decode = batch.forward_mode.is_decode()
+        set_batch_groups([m.row[0] if (m := getattr(r, "_taper", None)) is not None else -1
+                          for r in batch.reqs] if decode else None)
     result = original(scheduler, batch, *args, **kwargs)
     if _runtime is not None and batch.forward_mode.is_decode():
         _runtime.on_run(batch)

@@ -1,0 +1,1 @@
+"""Scripts for a lent GPU machine (torch only, no sglang there)."""
