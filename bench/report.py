@@ -44,7 +44,9 @@ def markdown(result: dict) -> str:
         lines.append("\nHighest rate with SLO attainment >= 95%: " + ", ".join(
             f"{p}: {'-' if r is None else f'{r:.2f}'}" for p, r in result["max_rate"].items()))
     if result.get("ratios"):
-        lines.append("\n" + ", ".join(f"{k}: {v:.2f}x" for k, v in result["ratios"].items()))
+        lines.append("\n" + ", ".join(
+            f"{k}: {v:.2f}x" if isinstance(v, float) else f"{k}: {v}"
+            for k, v in result["ratios"].items()))
     return "\n".join(lines) + "\n"
 
 

@@ -92,6 +92,10 @@ def run_sim(ns) -> dict:
     if taper and orc and orc[0]["summary"]["goodput"] > 0:
         result["ratios"]["taper/oracle"] = (taper[0]["summary"]["goodput"]
                                             / orc[0]["summary"]["goodput"])
+    if result.get("max_rate"):
+        from bench.cli import max_rate_ratios
+
+        result["ratios"].update(max_rate_ratios(result["max_rate"]))
     return result
 
 

@@ -168,7 +168,9 @@ class MeasuredCost(CostModel):
         self.contexts = np.asarray(data["contexts"], dtype=float)
         self.table = np.asarray(data["decode_s"], dtype=float)  # [batch, context]
         self.meta = {k: v for k, v in data.items() if k != "decode_s"}
-        self._prefill = AnalyticCost(data.get("model", "qwen3-32b"), data.get("gpu", "h200"))
+        gpu = str(data.get("gpu", "h200")).lower()
+        gpu = next((g for g in GPUS if g in gpu), "h200")  # "NVIDIA H200" -> "h200"
+        self._prefill = AnalyticCost(data.get("model", "qwen3-32b"), gpu)
 
     def decode(self, n, kv, shared_unique=0.0, cascade=False):
         ctx = (kv + (shared_unique if cascade else 0.0)) / max(1, n)
