@@ -41,6 +41,12 @@ async def _ttft(url: str, words: int, i: int) -> tuple[float, int]:
         return c.ttft, c.prompt_tokens
 
 
+async def _tpot(url: str) -> float:
+    async with aiohttp.ClientSession() as s:
+        c = await generate(s, url, "a lone request", 64)
+        return c.tpot
+
+
 def profile(url: str, batches=(1, 2, 4, 8, 16, 32, 48, 64, 96), contexts=(16, 256, 1024),
             tokens: int = 40) -> LinearCost:
     rows = []
@@ -60,6 +66,10 @@ def profile(url: str, batches=(1, 2, 4, 8, 16, 32, 48, 64, 96), contexts=(16, 25
     t = np.array([s[0] for s in samples])
     n_tok = np.array([s[1] for s in samples], dtype=float)
     (ce, cf), *_ = np.linalg.lstsq(np.column_stack([np.ones(len(t)), n_tok]), t, rcond=None)
-    gap = float(_stats(url)["predictor"]["gap_s"])
+    # The time between steps as one sequence sees it: a lone request's TPOT at
+    # the client less the fitted step (the scheduler's p90 gap counts prefills
+    # interleaved between decode steps, which the simulator schedules itself).
+    tpot = sorted(asyncio.run(_tpot(url)) for _ in range(3))[1]
+    gap = max(0.0, tpot - (ca + cb + cc * 64))
     return LinearCost(a=float(ca), b=float(cb), c=max(0.0, float(cc)), e=max(0.0, float(ce)),
                       f=max(0.0, float(cf)), gap=gap, noise=noise, name="linear:cpu-profile")
