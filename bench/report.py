@@ -69,13 +69,9 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
         ax.plot([r["rate"] for r in runs], [100 * r["summary"]["slo_attainment"] for r in runs],
                 marker="o", label=policy)
     ax.axhline(95, color="gray", ls="--", lw=0.8)
-    ax.set(xlabel="request rate (programs/s)", ylabel="SLO attainment (%)",
-           title="SLO attainment vs rate")
-    ax.legend()
-    paths.append(out_dir / "attainment_vs_rate.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, out_dir / "attainment_vs_rate.png",
+                       xlabel="request rate (programs/s)", ylabel="SLO attainment (%)",
+                       title="SLO attainment vs rate"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, runs in by_policy.items():
@@ -84,26 +80,29 @@ def plots(result: dict, out_dir: Path) -> list[Path]:
             ax.plot(tpots, [(i + 1) / len(tpots) for i in range(len(tpots))], label=policy)
     if result["runs"]:
         ax.axvline(1e3 * result["runs"][0]["tpot_slo"], color="gray", ls="--", lw=0.8)
-    ax.set(xlabel="TPOT of serial requests (ms)", ylabel="CDF", title="TPOT CDF (highest rate)")
-    ax.legend()
-    paths.append(out_dir / "tpot_cdf.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, out_dir / "tpot_cdf.png",
+                       xlabel="TPOT of serial requests (ms)", ylabel="CDF",
+                       title="TPOT CDF (highest rate)"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, runs in by_policy.items():
         samples = runs[-1].get("width_series", [])
         if samples:
             ax.plot([s[0] for s in samples], [s[1] for s in samples], label=policy)
-    ax.set(xlabel="time (s)", ylabel="branches decoding per step",
-           title="Admitted branch width over time (highest rate)")
-    ax.legend()
-    paths.append(out_dir / "width_over_time.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, out_dir / "width_over_time.png", xlabel="time (s)",
+                       ylabel="branches decoding per step",
+                       title="Admitted branch width over time (highest rate)"))
     return paths
+
+
+def _save(plt, fig, ax, path: Path, **labels) -> Path:
+    ax.set(**labels)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write(result: dict, out_dir: Path, render_plots: bool = True) -> dict[str, Path]:
