@@ -27,16 +27,17 @@ class Controller:
     """
 
     def __init__(self, config: TaperConfig | None = None, policy: Policy | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, model: StepTimeModel | None = None) -> None:
         """`policy`: a custom admission function over the priority-ordered extras
         (the simulator's clairvoyant bound); otherwise `config.policy` from the
-        registry."""
+        registry. `model`: the predictor's warm start; otherwise `config.profile`."""
         self.config = config or TaperConfig()
         spec = self.config.policy_spec
         self.policy_name = name or str(spec)
         self._policy = policy or make_policy(spec)
         self._order = "global" if policy is not None else POLICIES[spec.name].order
-        model = StepTimeModel.load(self.config.profile) if self.config.profile else None
+        if model is None and self.config.profile:
+            model = StepTimeModel.load(self.config.profile)
         self.predictor = StepTimePredictor(
             model,
             forgetting=self.config.forgetting,

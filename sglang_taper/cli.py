@@ -13,7 +13,7 @@ def _setup(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     from sglang_taper.cpu import assets
 
-    lib, model = (None, None)
+    lib = None
     if assets.has_gpu():
         from sglang_taper.cpu.tiny_model import build_tiny_model
 

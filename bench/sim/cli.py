@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.cli import add_workload_args, parse_goodput, ratios, with_slo, workload_config
+from bench.cli import (
+    add_workload_args,
+    at_rate,
+    parse_goodput,
+    ratios,
+    with_slo,
+    workload_config,
+)
 from bench.metrics import SLOSpec, max_rate_at, request_tpot, summarize
 from bench.workload import generate, load_jsonl, save_jsonl
 
@@ -61,7 +68,7 @@ def run_sim(ns) -> dict:
             ttft = scale * slo["ttft"][0] * (iso["ttft_s"] if slo["ttft"][1] else 1.0)
             tpot = scale * slo["tpot"][0] * (iso["tpot_s"] if slo["tpot"][1] else 1.0)
             for rate in rates:
-                progs = with_slo(_scale_rate(base_programs, base_cfg.rate, rate), ttft, tpot)
+                progs = with_slo(at_rate(base_programs, base_cfg.rate, rate), ttft, tpot)
                 for policy in policies:
                     t0 = time.monotonic()
                     out = simulate(progs, cost, policy, taper_cfg, sim_cfg)
@@ -97,12 +104,6 @@ def run_sim(ns) -> dict:
 
         result["ratios"].update(max_rate_ratios(result["max_rate"]))
     return result
-
-
-def _scale_rate(programs, base_rate, rate):
-    from bench.cli import at_rate
-
-    return at_rate(programs, base_rate, rate)
 
 
 def main(argv: list[str]) -> int:

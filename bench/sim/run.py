@@ -69,11 +69,7 @@ def make_controller(policy: str, cost: CostModel, gap: float, base: TaperConfig)
         return oracle(cost, gap)
     cfg = TaperConfig(**{**{f: getattr(base, f) for f in base.__slots__}, "policy": policy,
                          "profile": None})
-    ctl = Controller(cfg)
-    model = warm_start(cost)
-    ctl.predictor.prior = np.asarray(model.weights)
-    ctl.predictor._set_weights(np.asarray(model.weights))
-    return ctl
+    return Controller(cfg, model=warm_start(cost))
 
 
 def simulate(programs: list[Program], cost: CostModel, policy: str,

@@ -188,9 +188,8 @@ class SchedulerRuntime:
         for r, m in zip(reqs, metas):
             if m is None:
                 self.attach(r)
-            elif m.row[6] != m.row[6] and r.output_ids:  # NaN: no first token stamped yet
-                m.row[6] = now
-                m.row[9] = min(r.cached_tokens, m.row[8])
+            else:
+                _stamp_first_token(r, m, now)
         rows = np.array([r._taper.row for r in reqs], dtype=np.float64)
         generated = np.fromiter((len(r.output_ids) for r in reqs), np.int64, len(reqs))
         prompt = rows[:, 8].astype(np.int64)
@@ -271,9 +270,8 @@ class SchedulerRuntime:
         if batch.forward_mode.is_extend():
             for r in batch.reqs:
                 m = getattr(r, "_taper", None)
-                if m is not None and m.row[6] != m.row[6] and r.output_ids:
-                    m.row[6] = now
-                    m.row[9] = min(r.cached_tokens, m.row[8])
+                if m is not None:
+                    _stamp_first_token(r, m, now)
             return
         entry = self.inflight.pop(batch.forward_iter, None)
         if entry is None or batch.launch_ts is None:
@@ -340,6 +338,14 @@ class SchedulerRuntime:
                           "gap_s": self.controller.gap},
             **self.stats.to_dict(),
         }
+
+
+def _stamp_first_token(req, meta: _ReqMeta, now: float) -> None:
+    """Once a request has its first token: record when, and how much of its
+    prompt came from the radix cache (the prefix it shares with its group)."""
+    if meta.row[6] != meta.row[6] and req.output_ids:  # NaN: not stamped yet
+        meta.row[6] = now
+        meta.row[9] = min(req.cached_tokens, meta.row[8])
 
 
 def _unsupported(scheduler) -> str | None:
