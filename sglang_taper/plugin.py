@@ -15,6 +15,7 @@ logger = logging.getLogger("sglang_taper")
 
 ENV_ENABLED = "TAPER_ENABLED"
 ENV_CONFIG = "TAPER_CONFIG"
+ENV_BATCH_INVARIANT = "TAPER_BATCH_INVARIANT"  # "1": CPU matmuls batch-invariant
 
 
 def enabled() -> bool:
@@ -29,3 +30,7 @@ def load() -> None:
 
     config = TaperConfig.from_json(os.environ.get(ENV_CONFIG) or "{}")
     adapter.install(config)
+    if os.environ.get(ENV_BATCH_INVARIANT) == "1":
+        from sglang_taper.cpu import batch_invariant
+
+        batch_invariant.enable()

@@ -15,15 +15,14 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from controller.config import TaperConfig
-
-ENV_ENABLED = "TAPER_ENABLED"
-ENV_CONFIG = "TAPER_CONFIG"
+from sglang_taper.plugin import ENV_BATCH_INVARIANT, ENV_CONFIG, ENV_ENABLED
 
 # What the notes found to work on a CPU-only machine; each applies only when
 # the user did not pass the flag. Overlap scheduling is off because with it a
 # fork's prefix lands in the radix cache a step late and branches miss it.
 CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--device", "cpu"),
+    ("--dtype", "float32"),
     ("--attention-backend", "torch_native"),
     ("--sampling-backend", "pytorch"),
     ("--disable-cuda-graph", None),
@@ -67,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                            help=f"TaperConfig.{f.name} (default: {default})")
     p.add_argument("--taper-device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: CPU settings when no NVIDIA device is present")
+    p.add_argument("--taper-batch-invariant", choices=("on", "off"), default=None,
+                   help="CPU engine: compute every matmul row as if alone in its batch, so "
+                   "that holding branches out of a step never changes a greedy output "
+                   "(default on with the CPU engine; on a GPU use SGLang's "
+                   "--enable-deterministic-inference)")
     p.add_argument("--taper-overlap", action="store_true",
                    help="on CPU, keep SGLang's overlap scheduler (off by default there: "
                    "with it a fork's prefix reaches the radix cache a step late)")
@@ -124,6 +128,9 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         args += ["--attention-backend", "taper_cascade" if cpu else "taper_cascade_flashinfer"]
         if not cpu and not _has(args, "--disable-cuda-graph"):
             args.append("--disable-cuda-graph")  # cascade steps are eager-only
+    if ns.taper_batch_invariant == "on" and not cpu:
+        raise ServeError("--taper-batch-invariant is for the CPU engine; on a GPU use "
+                         "SGLang's --enable-deterministic-inference")
     if cpu:
         stub, tiny = assets.ensure_cpu_assets()
         if model is None:
@@ -134,6 +141,8 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
             if not _has(args, flag):
                 args += [flag] if value is None else [flag, value]
         env = assets.cpu_env(env)
+        if ns.taper_batch_invariant != "off":
+            env[ENV_BATCH_INVARIANT] = "1"
     elif model is None:
         raise ServeError("--model-path is required when a GPU is present")
     # The scheduler's numpy work is a few tiny arrays per step; OpenBLAS threads

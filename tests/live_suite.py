@@ -49,13 +49,57 @@ def _openai(url: str, path: str, body: dict) -> list:
     return sorted(c.get("text") or c["message"]["content"] for c in choices)
 
 
+def _logprobs(out: dict) -> dict:
+    """Token ids, and the logprobs of the tokens sampled in decode steps, to be
+    compared bit for bit: equal tokens can hide a numerical difference that would
+    flip a near-tie on another prompt.
+
+    The first token's logprob is left out: it comes from a prefill batch, and
+    when that batch holds a non-greedy request (a prefix warm-up with default
+    sampling params) SGLang reports log(softmax) instead of log_softmax, which
+    differs in the last bits (the token does not). Decode batches here are all
+    greedy."""
+    rows = out["meta_info"]["output_token_logprobs"]
+    return {"tokens": [tok for _, tok, _ in rows], "decode_logprobs": [lp for lp, _, _ in rows[1:]]}
+
+
 def _critical(url: str) -> list:
     out = post_json(url + "/generate", {
-        "text": "A latency-critical chat turn:",
+        "text": "A latency-critical chat turn:", "return_logprob": True,
         "sampling_params": {"max_new_tokens": 160, "temperature": 0, "ignore_eos": True,
                             "custom_params": {"taper_tpot": 0.001}},
     })
-    return out["output_ids"]
+    return _logprobs(out)
+
+
+def _group_logprobs(url: str, width: int = 4) -> list:
+    """A hand-tagged branch group whose members the policies hold and release."""
+    def branch(i: int) -> list:
+        out = post_json(url + "/generate", {
+            "text": f"Branch {i} of a tagged group, sharing this prefix.",
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True,
+                                "custom_params": {"taper_group": f"lp-{url}", "taper_branch": i,
+                                                  "taper_width": width}}})
+        return _logprobs(out)
+
+    with ThreadPoolExecutor(width) as pool:
+        return list(pool.map(branch, range(width)))
+
+
+def split_logprobs(out: dict) -> tuple[dict, list[float]]:
+    """The suite's outputs without the decode logprobs, and those logprobs flat
+    (for comparing two numerically different kernels: same tokens, close numbers)."""
+    rest, logprobs = {}, []
+    for name, value in out.items():
+        items = value if isinstance(value, list) else [value]
+        if items and isinstance(items[0], dict) and "decode_logprobs" in items[0]:
+            rest[name] = [v["tokens"] for v in items]
+            for v in items:
+                logprobs += v["decode_logprobs"]
+        else:
+            rest[name] = value
+    return rest, logprobs
 
 
 def run_suite(url: str) -> dict:
@@ -68,6 +112,7 @@ def run_suite(url: str) -> dict:
         "model": "default", "messages": [{"role": "user", "content": "Answer twice."}],
         "n": 2, "max_tokens": 20, "temperature": 0, "ignore_eos": True})
     jobs["critical"] = lambda: _critical(url)
+    jobs["group_logprobs"] = lambda: _group_logprobs(url)
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(fn) for name, fn in jobs.items()}
         results = {name: f.result(timeout=600) for name, f in futures.items()}

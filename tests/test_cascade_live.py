@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tests.conftest import get_json
-from tests.live_suite import run_suite
+from tests.live_suite import run_suite, split_logprobs
 
 pytestmark = pytest.mark.live
 STRICT = {**os.environ, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
@@ -15,7 +15,8 @@ STRICT = {**os.environ, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
 
 def test_cascade_keeps_greedy_outputs_identical(server_pool):
     """The tiny model is float32: two-level attention must reproduce the plain
-    path's greedy tokens for every fork program, nested forks and n>1."""
+    path's greedy tokens for every fork program, nested forks and n>1. It sums in
+    another order, so logprobs agree closely rather than bit for bit."""
     out = {}
     for name, extra in (("plain", []), ("cascade", ["--taper-cascade"])):
         srv = server_pool.get(["--taper-policy", "cap:2", *extra], env=STRICT)
@@ -24,4 +25,8 @@ def test_cascade_keeps_greedy_outputs_identical(server_pool):
         backend = info.get("attention_backend")
         assert backend == ("taper_cascade" if extra else "torch_native")
         assert get_json(srv.url + "/taper/stats")["regulated_steps"] > 0
-    assert out["cascade"] == out["plain"]
+    cascade, cascade_lp = split_logprobs(out["cascade"])
+    plain, plain_lp = split_logprobs(out["plain"])
+    assert cascade == plain
+    assert len(cascade_lp) == len(plain_lp) > 0
+    assert max(abs(a - b) for a, b in zip(cascade_lp, plain_lp)) < 1e-4

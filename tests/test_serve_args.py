@@ -77,3 +77,15 @@ def test_plugin_load_is_inert_without_the_flag(monkeypatch):
     before = {k: list(v) for k, v in HookRegistry._hooks.items()}
     plugin.load()
     assert {k: list(v) for k, v in HookRegistry._hooks.items()} == before
+
+
+def test_cpu_engine_runs_float32_and_batch_invariant_by_default():
+    # SGLang's dtype "auto" serves a float32 checkpoint as float16.
+    cmd = build_launch(["--taper-device", "cpu"]).cmd
+    assert cmd[cmd.index("--dtype") + 1] == "float32"
+    assert build_launch(["--taper-device", "cpu"]).env["TAPER_BATCH_INVARIANT"] == "1"
+    off = build_launch(["--taper-device", "cpu", "--taper-batch-invariant", "off"])
+    assert "TAPER_BATCH_INVARIANT" not in off.env
+    with pytest.raises(ServeError, match="--enable-deterministic-inference"):
+        build_launch(["--taper-device", "gpu", "--model-path", "/tmp",
+                      "--taper-batch-invariant", "on"])

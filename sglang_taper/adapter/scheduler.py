@@ -326,6 +326,7 @@ class SchedulerRuntime:
             "enabled": True,
             "regulating": not self.disabled,
             "disabled_reason": self.disabled,
+            "batch_invariant": _batch_invariant(),
             "config": self.config.to_json(),
             "overhead": {"hook_seconds": self.hook_seconds, "by_method_s": self.hook_split,
                          "decode_seconds": self.decode_seconds,
@@ -346,6 +347,12 @@ def _stamp_first_token(req, meta: _ReqMeta, now: float) -> None:
     if meta.row[6] != meta.row[6] and req.output_ids:  # NaN: not stamped yet
         meta.row[6] = now
         meta.row[9] = min(req.cached_tokens, meta.row[8])
+
+
+def _batch_invariant() -> bool:
+    from sglang_taper.cpu import batch_invariant
+
+    return batch_invariant.enabled()
 
 
 def _unsupported(scheduler) -> str | None:

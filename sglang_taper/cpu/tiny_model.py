@@ -41,9 +41,10 @@ _WORDS = (
     "model request token prefix cache batch decode fork join stage parallel serial"
 ).split()
 _FORMAT_VERSION = 2  # bump when the files this module writes change
-# float32, not bf16: CPU matmuls round differently for different batch shapes,
-# and in bf16 that flips greedy choices between batch compositions; a held-out
-# branch must generate exactly what it would have in any other batch.
+# float32 weights. SGLang's dtype "auto" would serve them as float16, so `taper
+# serve` passes --dtype float32 on the CPU engine, where batch-invariant matmuls
+# (sglang_taper/cpu/batch_invariant.py) make every row's result independent of
+# the batch: a held-out branch generates exactly what it would in any batch.
 DTYPE = "float32"
 
 
