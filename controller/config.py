@@ -58,6 +58,10 @@ class TaperConfig:
     max_banked_tokens: float = 4.0  # slack counted at most this many TPOTs ahead
     max_hold_steps: int = 256  # taper: a branch held this many steps in a row is admitted
     branch_stretch: float = 2.0  # a branch stage is due within TTFT + (L-1)*TPOT*stretch
+    # taper: a held branch whose laxity (Controller._laxity) falls under this many
+    # paces, (1 - margin) * TPOT each, becomes mandatory so its stage can still make
+    # its deadline; 0 never promotes
+    urgent_paces: float = 0.0
     forgetting: float = 0.995  # predictor: weight of the past per observed step
     upper_quantile: float = 0.95  # predictor: residual quantile added for the upper bound
     residual_window: int = 256  # predictor: residuals kept for that quantile
@@ -72,6 +76,7 @@ class TaperConfig:
         _check(self, "max_banked_tokens", self.max_banked_tokens >= 1, "must be >= 1")
         _check(self, "max_hold_steps", self.max_hold_steps >= 1, "must be >= 1")
         _check(self, "branch_stretch", self.branch_stretch >= 1, "must be >= 1")
+        _check(self, "urgent_paces", self.urgent_paces >= 0, "must be >= 0")
         _check(self, "forgetting", 0.9 <= self.forgetting <= 1, "must be in [0.9, 1]")
         _check(self, "upper_quantile", 0.5 <= self.upper_quantile < 1, "must be in [0.5, 1)")
         _check(self, "residual_window", self.residual_window >= 8, "must be >= 8")

@@ -36,6 +36,9 @@ class Controller:
         self.policy_name = name or str(spec)
         self._policy = policy or make_policy(spec)
         self._order = "global" if policy is not None else POLICIES[spec.name].order
+        # seconds per TPOT second: laxity under urgent * TPOT promotes a branch (taper)
+        self._urgent = (self.config.urgent_paces * (1.0 - self.config.margin)
+                        if policy is None and spec.name == "taper" else 0.0)
         if model is None and self.config.profile:
             model = StepTimeModel.load(self.config.profile)
         self.predictor = StepTimePredictor(
@@ -71,7 +74,15 @@ class Controller:
         if self._starved:
             mandatory |= np.fromiter((s in self._starved for s in view.ids), bool, n)
 
-        extras = np.flatnonzero(~mandatory)
+        extras = (~mandatory).nonzero()[0]
+        lax = None
+        if len(extras) and (self._order != "none" or self._urgent):
+            lax = self._laxity(view, order, head, extras)
+            if self._urgent:  # deadline-critical branches run whatever the budget
+                urgent = lax < self._urgent * view.tpot_slo[extras]
+                if urgent.any():
+                    mandatory[extras[urgent]] = True
+                    extras, lax = extras[~urgent], lax[~urgent]
         w = self.predictor.unit_costs
         cascade = self.config.cascade
         kv = view.kv_len
@@ -89,7 +100,6 @@ class Controller:
 
         if len(extras):
             if self._order != "none":
-                lax = self._laxity(view, order, head, extras)
                 if self._order == "group":  # cap: groups contiguous, least laxity first
                     pri = np.lexsort((view.branch[extras], lax, g[extras]))
                 else:
@@ -111,8 +121,8 @@ class Controller:
             kept_extra_kv = float(own[admit].sum())
         else:
             externality, kept_extra_kv, admitted = 0.0, 0.0, _EMPTY
-        keep = np.flatnonzero(mandatory)
-        held = np.flatnonzero(~mandatory)
+        keep = mandatory.nonzero()[0]
+        held = (~mandatory).nonzero()[0]
         x = x_mand.copy()
         x[1] += len(admitted)
         x[2] += kept_extra_kv
@@ -143,7 +153,7 @@ class Controller:
         run_of = np.cumsum(head) - 1  # position in `order` -> group run index
         where = np.empty(len(order), dtype=np.int64)
         where[order] = run_of
-        starts = np.flatnonzero(head)
+        starts = head.nonzero()[0]
         lmax = np.maximum.reduceat(view.max_new[order], starts)
         first = np.minimum.reduceat(view.arrival[order], starts)
         gi = where[extras]
@@ -190,7 +200,7 @@ class Controller:
         """For each extra, how many mandatory members its group has in the view.
         `gs`, `head`, `mand_sorted`: group codes, run starts and the mandatory
         mask in group-sorted order."""
-        starts = np.flatnonzero(head)
+        starts = head.nonzero()[0]
         per_group = np.add.reduceat(mand_sorted.astype(np.int64), starts)
         return per_group[np.searchsorted(gs[starts], ext_g)]
 

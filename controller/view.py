@@ -115,7 +115,7 @@ class Decision:
 
     keep: np.ndarray  # int64 indices into the view, ascending: the sequences that decode
     held: np.ndarray  # int64 indices into the view, ascending: the sequences held out
-    mandatory: int  # sequences that had to run (ordinary, critical, base, starved)
+    mandatory: int  # sequences that had to run (ordinary, critical, base, starved, urgent)
     budget: float  # seconds of slack left for extra branches after the mandatory
     # batch (upper bound); +inf when no latency-critical sequence is running
     externality: float  # seconds, predicted extra step time of the admitted extras

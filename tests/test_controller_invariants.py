@@ -180,3 +180,27 @@ def test_held_branch_admitted_after_max_hold_steps():
         ctl.observe(StepResult(d, step_time=0.01, end=10.0 + step + 0.01))
     assert admitted_at["b0"] == 0
     assert admitted_at["b1"] == 5 and admitted_at["b2"] == 5
+
+
+def test_taper_promotes_a_branch_whose_stage_deadline_is_at_risk():
+    """urgent_paces: a held branch with less laxity than that many paces runs even
+    when the budget is negative; without it, it waits. Its cost then counts as
+    mandatory, so the admitted extras' externality still fits the budget."""
+    def view(now: float) -> StepView:
+        # Stage due at 0 + 1.0 + 99 * 0.05 * 2 = 10.9 s; 99 tokens left need
+        # 99 * 0.9 * 0.05 = 4.455 s: laxity = 6.445 - now.
+        seqs = [Seq(f"b{i}", group=0, branch=i, width=3, kv_len=100, generated=1,
+                    first_token=0.5, max_new=100) for i in range(3)]
+        seqs.append(Seq("late", kv_len=10, generated=50, first_token=0.0, tpot_slo=0.01))
+        return StepView.from_seqs(seqs, now=now)
+
+    urgent = Controller(TaperConfig(policy="taper", urgent_paces=10))  # 0.45 s
+    plain = Controller(TaperConfig(policy="taper"))
+    for ctl in (urgent, plain):
+        d = ctl.decide(view(5.0))  # laxity 1.445 s: not urgent
+        assert d.budget < 0 and len(d.keep) == 2  # base branch and the ordinary request
+    d = urgent.decide(view(6.0))  # laxity 0.445 s < 0.45 s
+    assert len(d.keep) == 4 and d.mandatory == 4 and d.externality == 0.0
+    assert len(plain.decide(view(6.0)).keep) == 2
+    cap = Controller(TaperConfig(policy="cap:1", urgent_paces=10))  # taper only
+    assert len(cap.decide(view(6.0)).keep) == 2
