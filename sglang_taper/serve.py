@@ -128,6 +128,7 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         args += ["--attention-backend", "taper_cascade" if cpu else "taper_cascade_flashinfer"]
         if not cpu and not _has(args, "--disable-cuda-graph"):
             args.append("--disable-cuda-graph")  # cascade steps are eager-only
+    env.pop(ENV_BATCH_INVARIANT, None)  # only this launcher's flag decides
     if ns.taper_batch_invariant == "on" and not cpu:
         raise ServeError("--taper-batch-invariant is for the CPU engine; on a GPU use "
                          "SGLang's --enable-deterministic-inference")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,8 @@ def test_cpu_engine_runs_float32_and_batch_invariant_by_default():
     cmd = build_launch(["--taper-device", "cpu"]).cmd
     assert cmd[cmd.index("--dtype") + 1] == "float32"
     assert build_launch(["--taper-device", "cpu"]).env["TAPER_BATCH_INVARIANT"] == "1"
-    off = build_launch(["--taper-device", "cpu", "--taper-batch-invariant", "off"])
+    off = build_launch(["--taper-device", "cpu", "--taper-batch-invariant", "off"],
+                       base_env={**os.environ, "TAPER_BATCH_INVARIANT": "1"})
     assert "TAPER_BATCH_INVARIANT" not in off.env
     with pytest.raises(ServeError, match="--enable-deterministic-inference"):
         build_launch(["--taper-device", "gpu", "--model-path", "/tmp",
