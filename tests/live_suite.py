@@ -102,6 +102,21 @@ def split_logprobs(out: dict) -> tuple[dict, list[float]]:
     return rest, logprobs
 
 
+# Decode logprobs under different batch compositions agree within this (see
+# test_greedy_outputs_identical_under_every_policy); tokens and texts exactly.
+LOGPROB_TOL = 1e-6
+
+
+def assert_same_outputs(got: dict, ref: dict, label: str, tol: float = LOGPROB_TOL) -> None:
+    got_rest, got_lp = split_logprobs(got)
+    ref_rest, ref_lp = split_logprobs(ref)
+    for name in ref_rest:
+        assert got_rest[name] == ref_rest[name], f"{label}: {name} differs"
+    assert len(got_lp) == len(ref_lp) > 0
+    worst = max(abs(a - b) for a, b in zip(got_lp, ref_lp))
+    assert worst <= tol, f"{label}: decode logprobs differ by {worst:.2e}"
+
+
 def run_suite(url: str) -> dict:
     jobs = {name: fn for name, fn in _programs(url).items()}
     jobs["n_generate"] = lambda: _n_generate(url)
