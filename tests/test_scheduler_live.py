@@ -43,12 +43,10 @@ def outputs_by_policy(server_pool) -> dict:
 
 
 def test_greedy_outputs_identical_under_every_policy(outputs_by_policy):
-    """Texts and token ids bit for bit: a held branch generates exactly what it
-    would have in any batch. Decode logprobs (the critical request and a tagged
-    group) within 1e-6: without batch-invariant matmuls they moved by 6e-6 between
-    batch sizes; with them, one of the first four runs of this test still showed
-    a shift of at most 6e-8 in one request's logprobs (tokens unchanged), from a
-    source not yet pinned down (see README, batch invariance)."""
+    """Texts, token ids and decode logprobs (the critical request and a tagged
+    group) bit for bit: a held branch computes exactly what it would have in any
+    batch. Without batch-invariant matmuls the logprobs moved by 6e-6 between
+    batch sizes."""
     reference = outputs_by_policy["eager"][0]
     for policy in POLICIES[1:]:
         assert_same_outputs(outputs_by_policy[policy][0], reference, f"{policy} vs eager")

@@ -18,6 +18,7 @@ import uuid
 
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.interpreter import StreamExecutor
+from sglang.utils import http_request
 
 from sglang_taper.meta import with_meta
 
@@ -49,6 +50,14 @@ def _patch_fork() -> None:
         _patched = True
 
 
+def _greedy(sp: dict) -> None:
+    """Make a request that samples nothing greedy. SGLang ANDs `is_all_greedy`
+    when a batch merges in and never recomputes it when the request leaves, so
+    one default-temperature warm-up sends the whole running batch down the
+    sampling path (softmax, then log of it for logprobs) until it empties."""
+    sp.setdefault("temperature", 0.0)
+
+
 class TaperEndpoint(RuntimeEndpoint):
     """A RuntimeEndpoint whose requests carry TAPER branch metadata.
 
@@ -64,13 +73,24 @@ class TaperEndpoint(RuntimeEndpoint):
         self.critical_branches = critical_branches
         _patch_fork()
 
+    def cache_prefix(self, prefix_str: str) -> None:
+        sp = {"max_new_tokens": 0}
+        _greedy(sp)
+        res = http_request(self.base_url + "/generate",
+                           json={"text": prefix_str, "sampling_params": sp},
+                           api_key=self.api_key, verify=self.verify)
+        self._assert_success(res)
+
     def _add_images(self, s, data) -> None:
         # The one call every generation path makes with the executor and the
         # request body in hand, right before the POST.
         super()._add_images(s, data)
         sp = data.get("sampling_params")
-        if not isinstance(sp, dict) or sp.get("max_new_tokens") == 0:
-            return  # prefix caching / scoring, not a generation
+        if not isinstance(sp, dict):
+            return
+        if sp.get("max_new_tokens") == 0:  # prefix caching / scoring, not a generation
+            _greedy(sp)
+            return
         branch = getattr(s, _ATTR, None)
         fields = {"ttft": self.ttft, "tpot": self.tpot}
         if branch is not None:
