@@ -76,7 +76,7 @@ class Controller:
 
         extras = (~mandatory).nonzero()[0]
         lax = None
-        if len(extras) and (self._order != "none" or self._urgent):
+        if len(extras) and self._order != "none":  # (promotion is taper-only: ordered)
             lax = self._laxity(view, order, head, extras)
             if self._urgent:  # deadline-critical branches run whatever the budget
                 urgent = lax < self._urgent * view.tpot_slo[extras]
