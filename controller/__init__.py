@@ -6,9 +6,9 @@ messages and their units, `controller.slack` for the slack budget and
 `controller.predictor` for the step-time model.
 """
 
-from controller.config import PolicySpec, TaperConfig, parse_policy
+from controller.config import TaperConfig
 from controller.core import Controller
-from controller.policies import POLICIES
+from controller.policies import POLICIES, PolicySpec, parse_policy
 from controller.predictor import FEATURES, StepTimeModel, StepTimePredictor
 from controller.view import NO_GROUP, Decision, Seq, StepResult, StepView
 

@@ -1,4 +1,4 @@
-"""Controller configuration and the policy-string parser.
+"""Controller configuration.
 
 The algorithm never reads environment variables: entry points (the CLI, the
 plugin loader) build a `TaperConfig` and pass it in.
@@ -8,68 +8,49 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from controller.policies import PolicySpec, parse_policy
 
 
-@dataclass(frozen=True, slots=True)
-class PolicySpec:
-    """A parsed policy string: `off`, `eager`, `taper` or `cap:K`."""
-
-    name: str
-    arg: int | None = None  # K for cap:K
-
-    def __str__(self) -> str:
-        return self.name if self.arg is None else f"{self.name}:{self.arg}"
-
-
-def parse_policy(text: str) -> PolicySpec:
-    """Parse and validate a policy string against the policy registry.
-
-    Raises ValueError with a one-line message naming the bad input.
-    """
-    from controller.policies import POLICIES  # the registry decides what is valid
-
-    name, sep, arg = text.strip().partition(":")
-    entry = POLICIES.get(name)
-    choices = ", ".join(e.usage for e in POLICIES.values())
-    if entry is None:
-        raise ValueError(f"unknown policy {text!r}; choose from {choices}")
-    if not entry.takes_arg:
-        if sep:
-            raise ValueError(f"policy {name!r} takes no argument, got {text!r}")
-        return PolicySpec(name)
-    try:
-        k = int(arg)
-    except ValueError:
-        raise ValueError(f"policy {entry.usage} needs an integer K >= 1, got {text!r}") from None
-    if k < 1:
-        raise ValueError(f"policy {entry.usage} needs K >= 1, got {text!r}")
-    return PolicySpec(name, k)
+def _f(default, help_: str):
+    """A field whose help text becomes its `taper serve --taper-*` flag's help."""
+    return field(default=default, metadata={"help": help_})
 
 
 @dataclass(frozen=True, slots=True)
 class TaperConfig:
     """Everything the controller can be told. Validated on construction."""
 
-    policy: str = "taper"  # off | eager | cap:K | taper
-    default_ttft_slo: float = 2.0  # seconds, for requests that carry no SLO
-    default_tpot_slo: float = 0.1  # seconds per output token, likewise
-    margin: float = 0.1  # fraction of the tightest slack kept in reserve
-    max_banked_tokens: float = 4.0  # slack counted at most this many TPOTs ahead
-    max_hold_steps: int = 256  # taper: a branch held this many steps in a row is admitted
-    branch_stretch: float = 2.0  # a branch stage is due within TTFT + (L-1)*TPOT*stretch
-    # taper: a held branch whose laxity (Controller._laxity) falls under this many
-    # paces, (1 - margin) * TPOT each, becomes mandatory so its stage can still make
-    # its deadline; 0 never promotes
-    urgent_paces: float = 0.0
-    forgetting: float = 0.995  # predictor: weight of the past per observed step
-    upper_quantile: float = 0.95  # predictor: residual quantile added for the upper bound
-    residual_window: int = 256  # predictor: residuals kept for that quantile
-    profile: str | None = None  # path of a saved step-time model to warm-start from
-    cascade: bool = False  # the engine reads a group's shared prefix once per step
+    policy: str = _f("taper", "the admission policy: off | eager | cap:K | taper")
+    default_ttft_slo: float = _f(2.0, "seconds to the first token, for requests that carry "
+                                 "no taper_ttft")
+    default_tpot_slo: float = _f(0.1, "seconds per output token, for requests that carry no "
+                                 "taper_tpot")
+    margin: float = _f(0.1, "critical requests are held to a pace of (1 - margin) * TPOT, "
+                       "leaving this fraction for prediction error; in [0, 1)")
+    max_banked_tokens: float = _f(4.0, "a request ahead of schedule banks at most this many "
+                                  "paces of slack")
+    max_hold_steps: int = _f(256, "taper only: a branch held this many steps in a row is "
+                             "admitted (the baselines never promote)")
+    branch_stretch: float = _f(2.0, "a branch stage is due within TTFT + (L-1) * TPOT * "
+                               "stretch (L: its longest branch's max_new_tokens); orders "
+                               "taper's extras")
+    urgent_paces: float = _f(0.0, "taper only: a held branch with less laxity than this many "
+                             "paces, (1 - margin) * TPOT each, becomes mandatory; 0: never")
+    forgetting: float = _f(0.995, "step-time predictor: weight of the past per observed step, "
+                           "in [0.9, 1]")
+    upper_quantile: float = _f(0.95, "step-time predictor: quantile of recent residuals added "
+                               "for the upper bound, in [0.5, 1)")
+    residual_window: int = _f(256, "step-time predictor: residuals kept for that quantile")
+    profile: str | None = _f(None, "path of a saved step-time model (taper profile) to "
+                             "warm-start the predictor from")
+    cascade: bool = _f(False, "the engine reads a group's shared prefix once per step "
+                       "(cascade attention)")
+    spec: PolicySpec = field(init=False, repr=False, compare=False)  # `policy`, parsed
 
     def __post_init__(self) -> None:
-        parse_policy(self.policy)
+        object.__setattr__(self, "spec", parse_policy(self.policy))
         _check(self, "default_ttft_slo", self.default_ttft_slo > 0, "must be > 0 seconds")
         _check(self, "default_tpot_slo", self.default_tpot_slo > 0, "must be > 0 seconds")
         _check(self, "margin", 0 <= self.margin < 1, "must be in [0, 1)")
@@ -81,17 +62,17 @@ class TaperConfig:
         _check(self, "upper_quantile", 0.5 <= self.upper_quantile < 1, "must be in [0.5, 1)")
         _check(self, "residual_window", self.residual_window >= 8, "must be >= 8")
 
-    @property
-    def policy_spec(self) -> PolicySpec:
-        return parse_policy(self.policy)
+    def to_dict(self) -> dict:
+        """The constructor's fields (not the parsed spec)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TaperConfig:
         data = json.loads(text)
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"TaperConfig has no field {unknown[0]!r}")

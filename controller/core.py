@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from controller.config import TaperConfig
-from controller.policies import POLICIES, Candidates, Policy, make_policy
+from controller.policies import Candidates, StepCost, make_policy
 from controller.predictor import SCALE, StepTimeModel, StepTimePredictor
 from controller.slack import step_budget
 from controller.view import Decision, StepResult, StepView
@@ -26,19 +26,21 @@ class Controller:
     time between steps, and how many steps in a row each held branch has waited.
     """
 
-    def __init__(self, config: TaperConfig | None = None, policy: Policy | None = None,
-                 name: str | None = None, model: StepTimeModel | None = None) -> None:
-        """`policy`: a custom admission function over the priority-ordered extras
-        (the simulator's clairvoyant bound); otherwise `config.policy` from the
-        registry. `model`: the predictor's warm start; otherwise `config.profile`."""
+    def __init__(self, config: TaperConfig | None = None, model: StepTimeModel | None = None,
+                 cost: StepCost | None = None) -> None:
+        """`model`: the predictor's warm start (otherwise `config.profile`, or the
+        default prior). `cost`: the true step-time model, for the policies that
+        need one (the simulator's `clairvoyant`)."""
         self.config = config or TaperConfig()
-        spec = self.config.policy_spec
-        self.policy_name = name or str(spec)
-        self._policy = policy or make_policy(spec)
-        self._order = "global" if policy is not None else POLICIES[spec.name].order
-        # seconds per TPOT second: laxity under urgent * TPOT promotes a branch (taper)
+        spec = self.config.spec
+        entry = spec.entry
+        self.policy_name = str(spec)
+        self._policy = make_policy(spec, cost)
+        self._order = entry.order
+        self._promote_starved = entry.starvation
+        # seconds per TPOT second: laxity under urgent * TPOT promotes a branch
         self._urgent = (self.config.urgent_paces * (1.0 - self.config.margin)
-                        if policy is None and spec.name == "taper" else 0.0)
+                        if entry.urgency else 0.0)
         if model is None and self.config.profile:
             model = StepTimeModel.load(self.config.profile)
         self.predictor = StepTimePredictor(
@@ -76,7 +78,7 @@ class Controller:
 
         extras = (~mandatory).nonzero()[0]
         lax = None
-        if len(extras) and self._order != "none":  # (promotion is taper-only: ordered)
+        if len(extras) and self._order != "none":
             lax = self._laxity(view, order, head, extras)
             if self._urgent:  # deadline-critical branches run whatever the budget
                 urgent = lax < self._urgent * view.tpot_slo[extras]
@@ -212,6 +214,8 @@ class Controller:
         if len(d.keep):
             self.predictor.update(d.features, result.step_time)
         self._end_step(result.end - result.step_time, result.end)
+        if not self._promote_starved:  # the baselines never promote: nothing to count
+            return
         held_for = self._held_for
         limit = self.config.max_hold_steps
         self._held_for = {s: held_for.get(s, 0) + 1 for s in d.held_ids()}
@@ -231,5 +235,6 @@ class Controller:
         self._last_end = end
 
     def held_steps(self, sid: str) -> int:
-        """Consecutive steps `sid` has been held as of the last observed step."""
+        """Consecutive steps `sid` has been held as of the last observed step
+        (counted for the policies that promote starved branches)."""
         return self._held_for.get(sid, 0)

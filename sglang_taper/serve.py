@@ -56,14 +56,16 @@ def _parser() -> argparse.ArgumentParser:
         "than --taper-* go to `python -m sglang.launch_server` unchanged.",
     )
     for f in fields(TaperConfig):
+        if not f.init:
+            continue
         default = f.default if f.default is not MISSING else None
         if f.type in ("bool", bool):
             p.add_argument(_flag(f.name), dest=f.name, action="store_true",
-                           help=f"TaperConfig.{f.name}")
+                           help=f.metadata.get("help"))
         else:
             kind = {"float": float, "int": int}.get(str(f.type), str)
             p.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
-                           help=f"TaperConfig.{f.name} (default: {default})")
+                           help=f"{f.metadata.get('help')} (default: {default})")
     p.add_argument("--taper-device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: CPU settings when no NVIDIA device is present")
     p.add_argument("--taper-batch-invariant", choices=("on", "off"), default=None,
@@ -101,7 +103,7 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
     from sglang_taper.cpu import assets
 
     ns, rest = _parser().parse_known_args(argv)
-    values = {f.name: getattr(ns, f.name) for f in fields(TaperConfig)}
+    values = {f.name: getattr(ns, f.name) for f in fields(TaperConfig) if f.init}
     try:
         config = TaperConfig(**values)
     except ValueError as e:
@@ -109,6 +111,9 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         for f in fields(TaperConfig):
             msg = msg.replace(f"TaperConfig.{f.name}", _flag(f.name))
         raise ServeError(msg) from None
+    if config.spec.entry.needs_cost:
+        raise ServeError(f"--taper-policy {config.policy}: needs the true step-time model, "
+                         f"which only the simulator has (taper sim)")
     if config.profile and not Path(config.profile).is_file():
         raise ServeError(f"--taper-profile: no such file: {config.profile}")
     if _has(rest, "--enable-mixed-chunk") and config.policy != "eager":

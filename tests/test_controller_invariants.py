@@ -20,6 +20,18 @@ def policy_strings() -> list[str]:
 ALL_POLICIES = policy_strings()
 
 
+class LinearStep:
+    """A true step-time model for the policies that need one (clairvoyant)."""
+
+    def decode(self, n: int, kv: float) -> float:
+        return 2e-3 + 1e-4 * n + 1e-8 * kv
+
+
+def controller(policy: str, **cfg) -> Controller:
+    config = TaperConfig(policy=policy, **cfg)
+    return Controller(config, cost=LinearStep() if config.spec.entry.needs_cost else None)
+
+
 @st.composite
 def views(draw) -> StepView:
     seqs: list[Seq] = []
@@ -78,7 +90,7 @@ SETTINGS = settings(max_examples=150, deadline=None,
 @SETTINGS
 @given(view=views())
 def test_mandatory_always_run_and_partition(policy, view):
-    d = Controller(TaperConfig(policy=policy)).decide(view)
+    d = controller(policy).decide(view)
     keep, held = set(d.keep.tolist()), set(d.held.tolist())
     assert keep.isdisjoint(held) and keep | held == set(range(len(view)))
     assert list(d.keep) == sorted(d.keep) and list(d.held) == sorted(d.held)
@@ -142,7 +154,7 @@ def test_taper_externality_within_budget(view):
 @SETTINGS
 @given(view=views(), extra=st.floats(0.0, 2.0))
 def test_more_slack_never_narrows(policy, view, extra):
-    ctl = Controller(TaperConfig(policy=policy))
+    ctl = controller(policy)
     d = ctl.decide(view)
     earlier = StepView(**{**{f: getattr(view, f) for f in view.__slots__}, "now": view.now - extra})
     d2 = ctl.decide(earlier)
@@ -154,7 +166,7 @@ def test_more_slack_never_narrows(policy, view, extra):
 @SETTINGS
 @given(view=views())
 def test_same_view_same_decision(policy, view):
-    a, b = Controller(TaperConfig(policy=policy)), Controller(TaperConfig(policy=policy))
+    a, b = controller(policy), controller(policy)
     d1, d2, d3 = a.decide(view), a.decide(view), b.decide(view)
     for other in (d2, d3):
         assert np.array_equal(d1.keep, other.keep)

@@ -48,17 +48,27 @@ def test_taper_keeps_the_serial_slo_that_eager_breaks():
     assert width_taper < 32
 
 
-def test_no_starvation_over_a_long_run():
-    for policy in ("off", "eager", "cap:1", "cap:3", "taper"):
-        script = scenario()
-        # Tight SLO: taper's budget is often zero; branches must still finish.
-        script.seqs[0].tpot_slo = 2.6e-3
-        ctl = Controller(TaperConfig(policy=policy, max_hold_steps=40))
-        script.run(ctl)
-        for s in script.seqs:
-            assert s.generated == script.target[s.sid], (policy, s.sid)
-        if policy == "taper":
-            assert max(script.max_held_run.values()) <= 40
+@pytest.mark.parametrize("policy, width", [("off", 1), ("cap:1", 1), ("cap:3", 3),
+                                           ("eager", 32), ("taper", 32)])
+def test_baselines_keep_their_width_for_the_whole_run(policy, width):
+    """Far past max_hold_steps, `off` still decodes one branch of the group per
+    step and `cap:K` at most K (no starvation promotion: that is taper's alone),
+    and every branch still finishes. Taper bounds how long a branch waits."""
+    script = scenario()
+    # Tight SLO: taper's budget is often zero; branches must still finish.
+    script.seqs[0].tpot_slo = 2.6e-3
+    ctl = Controller(TaperConfig(policy=policy, max_hold_steps=40))
+    script.run(ctl)
+    if width < 32:
+        assert len(script.widths) > 20 * 40, "the run must be far longer than max_hold_steps"
+    for s in script.seqs:
+        assert s.generated == script.target[s.sid], (policy, s.sid)
+    assert max(w.get(0, 0) for w in script.widths) == width
+    longest_wait = max(script.max_held_run.values(), default=0)
+    if policy == "taper":
+        assert longest_wait <= 40
+    elif policy != "eager":
+        assert longest_wait > 40  # the old promotion would have fired here
 
 
 @pytest.mark.parametrize("blocked", [["sglang"], ["torch"], ["sglang", "torch"]])
