@@ -1,5 +1,7 @@
-"""`taper profile`: fit the CPU engine's step-time cost model from controlled
-batches against a running TAPER server (policy eager), and save it as JSON.
+"""`taper profile`: fit the live engine's step-time model for the simulator.
+
+From controlled batches against a TAPER server (policy eager); saved as JSON
+for `taper sim --cost-model linear:PATH`.
 
 Decode: groups of n branches (n over a grid) with prompts of a few lengths
 decode together; the server's per-step records (/taper/stats?history=1) give
@@ -9,20 +11,16 @@ of several prompt lengths, TTFT. Between-step gap: the controller's estimate.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import json
-import urllib.request
+import time
 
 import aiohttp
 import numpy as np
 
 from bench.client import generate
+from bench.server_stats import StatsClient
 from bench.sim.cost import LinearCost
-
-
-def _stats(url: str) -> dict:
-    with urllib.request.urlopen(url + "/taper/stats?history=1", timeout=30) as r:
-        return json.loads(r.read())
 
 
 async def _batch(url: str, n: int, ctx_words: int, tokens: int) -> None:
@@ -53,7 +51,7 @@ def profile(url: str, batches=(1, 2, 4, 8, 16, 32, 48, 64, 96), contexts=(16, 25
     for ctx in contexts:
         for n in batches:
             asyncio.run(_batch(url, n, ctx, tokens))
-            for h in _stats(url)["history"][-tokens:]:
+            for h in StatsClient(url).get(history=True)["history"][-tokens:]:
                 if h["held"] == 0 and h["kept"] == n:
                     rows.append((h["kept"], h["kv"], h["measured"]))
     a = np.array(rows, dtype=float)
@@ -73,3 +71,26 @@ def profile(url: str, batches=(1, 2, 4, 8, 16, 32, 48, 64, 96), contexts=(16, 25
     gap = max(0.0, tpot - (ca + cb + cc * 64))
     return LinearCost(a=float(ca), b=float(cb), c=max(0.0, float(cc)), e=max(0.0, float(ce)),
                       f=max(0.0, float(cf)), gap=gap, noise=noise, name="linear:cpu-profile")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="taper profile", description=__doc__)
+    p.add_argument("--base-url", default=None, help="a running server (default: start one)")
+    p.add_argument("--out", default="results/cpu_profile.json")
+    ns = p.parse_args(argv)
+    from sglang_taper.server import ServerProcess
+
+    server = None
+    url = ns.base_url
+    if url is None:
+        server = ServerProcess(["--taper-policy", "eager", "--log-level", "warning"]).start()
+        url = server.url
+    try:
+        t0 = time.monotonic()
+        model = profile(url.rstrip("/"))
+        model.save(ns.out, fitted_s=time.monotonic() - t0)
+        print(f"[profile] {model.describe()}\n[profile] wrote {ns.out}")
+    finally:
+        if server is not None:
+            server.stop()
+    return 0

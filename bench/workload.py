@@ -1,6 +1,14 @@
 """Workloads as traces: ordinary chat requests with tight SLOs beside branch
 programs, seeded, saved and loaded as JSONL so a run can be replayed exactly.
 
+Named presets (`PRESETS`, `--workload NAME`) fix every distribution; flags
+override single fields. `long-context` is the default: the regime agentic and
+reasoning serving lives in (contexts of thousands of tokens, branches of
+hundreds), where a decode step grows with width mostly through KV reads.
+`mixed` is the earlier default (short prompts, wide groups). `length_scale`
+multiplies every token length, so the tiny CPU model can replay a GPU-sized
+preset in minutes (see bench/README.md for why the effect carries over).
+
 Distributions (all uniform over the stated integer ranges, drawn from one
 seeded `numpy.random.Generator`):
 - arrivals: Poisson (exponential gaps, mean 1/rate) or bursty Gamma gaps with
@@ -16,13 +24,15 @@ seeded `numpy.random.Generator`):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 KINDS = ("parallel_reasoning", "self_consistency", "skeleton_of_thought", "agentic_tools",
          "tree_of_thought")
+_CHARS_PER_TOKEN = 6  # measured on the tiny model's tokenizer for `_text` output
+_TOKENS_PER_WORD = 1.1  # likewise (the bracketed tag adds about 4 tokens)
 _WORDS = ("plan search answer reason branch path vote result outline point check tool "
           "call value number list summary first next then because model token prefix").split()
 
@@ -48,6 +58,11 @@ class Program:
     ttft_slo: float  # seconds
     tpot_slo: float  # seconds per token
     stages: list[Stage]
+    prompt_tokens: int = 0  # tokens the prompt was drawn to have (0: unknown, estimate)
+
+    def context_tokens(self) -> int:
+        """Tokens of the prompt: as drawn, else estimated from its text."""
+        return self.prompt_tokens or max(1, len(self.prompt) // _CHARS_PER_TOKEN)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -64,15 +79,16 @@ class WorkloadConfig:
     arrival: str = "poisson"  # "poisson" | "gamma"
     burstiness: float = 1.0  # Gamma shape; 1.0 is Poisson
     chat_fraction: float = 0.6
-    prompt_tokens: tuple[int, int] = (24, 96)
-    chat_tokens: tuple[int, int] = (32, 96)
-    serial_tokens: tuple[int, int] = (16, 32)
-    width: tuple[int, int] = (16, 32)
-    branch_tokens: tuple[int, int] = (48, 128)
+    prompt_tokens: tuple[int, int] = (1024, 4096)
+    chat_tokens: tuple[int, int] = (64, 256)
+    serial_tokens: tuple[int, int] = (32, 128)
+    width: tuple[int, int] = (4, 16)
+    branch_tokens: tuple[int, int] = (128, 512)
     tool_delay: tuple[float, float] = (0.05, 0.3)
     ttft_slo: float = 1.0  # seconds
     tpot_slo: float = 0.01  # seconds per token
     seed: int = 0
+    length_scale: float = 1.0  # multiplies every token range above (at least 1 token)
 
     def __post_init__(self) -> None:
         if self.num_programs < 1:
@@ -85,16 +101,35 @@ class WorkloadConfig:
             raise ValueError(f"burstiness must be > 0, got {self.burstiness}")
         if not 0 <= self.chat_fraction <= 1:
             raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
+        if not self.length_scale > 0:
+            raise ValueError(f"length_scale must be > 0, got {self.length_scale}")
         for name in ("prompt_tokens", "chat_tokens", "serial_tokens", "width",
                      "branch_tokens", "tool_delay"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must be a range 0 < lo <= hi, got {(lo, hi)}")
 
+    def tokens(self, name: str) -> tuple[int, int]:
+        """A token range after `length_scale`."""
+        lo, hi = getattr(self, name)
+        k = self.length_scale
+        return max(1, round(lo * k)), max(1, round(hi * k))
+
+
+# Every preset is a complete WorkloadConfig; flags override single fields.
+PRESETS: dict[str, WorkloadConfig] = {
+    # Contexts of 1-4K tokens, branch groups of 4-16 with 128-512 tokens each.
+    "long-context": WorkloadConfig(),
+    # The first default: short prompts, wide groups of short branches.
+    "mixed": WorkloadConfig(prompt_tokens=(24, 96), chat_tokens=(32, 96),
+                            serial_tokens=(16, 32), width=(16, 32), branch_tokens=(48, 128)),
+}
+DEFAULT_PRESET = "long-context"
+
 
 def _text(rng: np.random.Generator, tokens: int, tag: str) -> str:
-    # About two tokens per word with the tiny model's tokenizer; close enough.
-    words = rng.choice(_WORDS, size=max(1, tokens // 2))
+    """Random words, about `tokens` tokens with the tiny model's tokenizer."""
+    words = rng.choice(_WORDS, size=max(1, round((tokens - 4) / _TOKENS_PER_WORD)))
     return f"[{tag}] " + " ".join(words)
 
 
@@ -110,23 +145,29 @@ def generate(cfg: WorkloadConfig) -> list[Program]:
     def ri(lo_hi: tuple[int, int], size: int | None = None):
         return rng.integers(lo_hi[0], lo_hi[1] + 1, size=size)
 
+    prompt_r, chat_r = cfg.tokens("prompt_tokens"), cfg.tokens("chat_tokens")
+    serial_r, branch_r = cfg.tokens("serial_tokens"), cfg.tokens("branch_tokens")
     out = []
     for i, t in enumerate(arrivals):
         chat = rng.random() < cfg.chat_fraction
         kind = "chat" if chat else KINDS[int(rng.integers(len(KINDS)))]
-        prompt = _text(rng, int(ri(cfg.prompt_tokens)), f"{kind} {i}")
+        n_prompt = int(ri(prompt_r))
+        # Text from its own stream, so a trace's structure (kinds, lengths, arrivals)
+        # does not depend on how many words its prompts took: a length-scaled trace
+        # is the same trace, scaled.
+        prompt = _text(np.random.default_rng([cfg.seed, i]), n_prompt, f"{kind} {i}")
 
         def serial() -> Stage:
-            return Stage("serial", [int(ri(cfg.serial_tokens))])
+            return Stage("serial", [int(ri(serial_r))])
 
         def parallel() -> Stage:
-            return Stage("parallel", ri(cfg.branch_tokens, int(ri(cfg.width))).tolist())
+            return Stage("parallel", ri(branch_r, int(ri(cfg.width))).tolist())
 
         if kind == "chat":
-            stages = [Stage("serial", [int(ri(cfg.chat_tokens))])]
+            stages = [Stage("serial", [int(ri(chat_r))])]
         elif kind == "agentic_tools":
             w = int(ri(cfg.width))
-            half = (max(1, cfg.branch_tokens[0] // 2), max(1, cfg.branch_tokens[1] // 2))
+            half = (max(1, branch_r[0] // 2), max(1, branch_r[1] // 2))
             stages = [serial(), Stage("tools", ri(half, w).tolist(),
                                       float(rng.uniform(*cfg.tool_delay)),
                                       ri(half, w).tolist()), serial()]
@@ -135,8 +176,25 @@ def generate(cfg: WorkloadConfig) -> list[Program]:
         else:
             stages = [serial(), parallel(), serial()]
         out.append(Program(f"p{i:05d}", kind, float(t), prompt, cfg.ttft_slo, cfg.tpot_slo,
-                           stages))
+                           stages, n_prompt))
     return out
+
+
+def at_rate(programs: list[Program], base_rate: float, rate: float) -> list[Program]:
+    """The same programs, arrivals scaled from `base_rate` to `rate` programs/s."""
+    k = base_rate / rate
+    return [replace(p, arrival=p.arrival * k) for p in programs]
+
+
+def with_slo(programs: list[Program], ttft: float, tpot: float) -> list[Program]:
+    """The same programs with the run's SLOs (seconds, seconds per token)."""
+    return [replace(p, ttft_slo=ttft, tpot_slo=tpot) for p in programs]
+
+
+def decode_tokens(p: Program) -> int:
+    """Output tokens the program generates in all (every branch, both
+    generations of a tool branch)."""
+    return sum(sum(s.tokens) + sum(s.read_tokens) for s in p.stages)
 
 
 def save_jsonl(programs: list[Program], path: str | Path) -> None:

@@ -1,9 +1,15 @@
-"""The `taper` command: setup, serve (bench and sim arrive with their issues)."""
+"""The `taper` command. Its own subcommands (setup, serve, demo) live here;
+others are plugged in by entry points of the group `taper.commands` (the
+benchmarks register `bench`, `sim` and `profile` there), so this package never
+imports the benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
+
+PLUGIN_GROUP = "taper.commands"
 
 
 def _setup(argv: list[str]) -> int:
@@ -36,16 +42,6 @@ COMMANDS = {
     "setup": (_setup, "build local assets (CPU libcuda stand-in, tiny model)"),
     "serve": (_serve, "start the SGLang server with TAPER enabled"),
 }
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: taper <command> [args]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    fn, _ = COMMANDS[argv[0]]
-    return fn(argv[1:])
 
 
 def _demo(argv: list[str]) -> int:
@@ -81,26 +77,33 @@ def _demo(argv: list[str]) -> int:
 COMMANDS["demo"] = (_demo, "start a server and run a fork program against it")
 
 
-def _bench(argv: list[str]) -> int:
-    from bench.cli import main as bench_main
-
-    return bench_main(argv)
-
-
-COMMANDS["bench"] = (_bench, "the live benchmark: a workload under each policy")
+def _plugins() -> dict:
+    """Subcommands registered by other packages: name -> entry point."""
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMMANDS}
 
 
-def _sim(argv: list[str]) -> int:
-    from bench.sim.cli import main as sim_main
+def _describe(ep) -> str:
+    """The first line of the subcommand's module docstring."""
+    try:
+        module = sys.modules[ep.load().__module__]
+    except Exception as e:  # a broken plugin must not break `taper --help`
+        return f"(cannot load: {type(e).__name__}: {e})"
+    doc = (module.__doc__ or "").strip()
+    first = doc.splitlines()[0] if doc else ""
+    return first.split(": ", 1)[-1].rstrip(".")  # "`taper x`: what it does." -> what
 
-    return sim_main(argv)
 
-
-def _profile(argv: list[str]) -> int:
-    from bench.sim.cli import profile_main
-
-    return profile_main(argv)
-
-
-COMMANDS["sim"] = (_sim, "simulate a workload under each policy with a cost model")
-COMMANDS["profile"] = (_profile, "fit the live engine's step-time model (for taper sim)")
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    plugins = _plugins()
+    if not argv or argv[0] in ("-h", "--help") or (argv[0] not in COMMANDS
+                                                   and argv[0] not in plugins):
+        lines = [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines += [f"  {name:8s} {_describe(ep)}" for name, ep in sorted(plugins.items())]
+        print("usage: taper <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] in COMMANDS:
+        fn, _ = COMMANDS[argv[0]]
+    else:
+        fn = plugins[argv[0]].load()
+    return fn(argv[1:])

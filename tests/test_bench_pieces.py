@@ -1,4 +1,4 @@
-"""Workload traces, metrics and report rendering (no server)."""
+"""Workload traces, metrics, options and report rendering (no server)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from bench.cli import at_rate, parse_goodput, ratios
-from bench.metrics import SLOSpec, max_rate_at, program_met, summarize
-from bench.replay import ProgramRecord, RequestRecord, StageRecord
-from bench.workload import WorkloadConfig, generate, load_jsonl, save_jsonl
+from bench.metrics import SLOSpec, failures, program_met, summarize
+from bench.options import parse_goodput, parse_rate
+from bench.records import ProgramRecord, RequestRecord, StageRecord
+from bench.workload import (
+    PRESETS,
+    WorkloadConfig,
+    at_rate,
+    decode_tokens,
+    generate,
+    load_jsonl,
+    save_jsonl,
+)
 
 
 def test_trace_is_seeded_and_round_trips(tmp_path):
@@ -72,54 +80,99 @@ def test_serial_request_slo():
 
 def test_parallel_stage_deadline_from_longest_branch():
     spec = SLOSpec(branch_stretch=2.0)
-    # deadline = 1.0 + (101 - 1) * 0.01 * 2 + 0.1 = 3.1 s
-    ok = StageRecord(1, "tools", 1.0, 1.0 + 3.0, 8, 101, 0.1)
-    late = StageRecord(1, "tools", 1.0, 1.0 + 3.2, 8, 101, 0.1)
+    # A parallel stage: deadline = 1.0 + (101 - 1) * 0.01 * 2 = 3.0 s
+    ok = StageRecord(1, "parallel", 1.0, 1.0 + 2.95, 8, 101, 0.0)
+    late = StageRecord(1, "parallel", 1.0, 1.0 + 3.05, 8, 101, 0.0)
     reqs = [serial(0, 0.2, 0.005)]
+    assert program_met(program(reqs, [ok], kind="parallel_reasoning"), spec)
+    assert failures(program(reqs, [late], kind="parallel_reasoning"), spec) == ["stage_deadline"]
+
+
+def test_a_tool_stage_has_two_ttfts():
+    """A tool branch generates twice (the call, then the reading), and each
+    generation waits for its own first token: deadline =
+    2 * 1.0 + (101 - 2) * 0.01 * 2 + 0.1 (tool delay) = 4.08 s."""
+    spec = SLOSpec(branch_stretch=2.0)
+    reqs = [serial(0, 0.2, 0.005)]
+    ok = StageRecord(1, "tools", 1.0, 1.0 + 4.05, 8, 101, 0.1)
+    late = StageRecord(1, "tools", 1.0, 1.0 + 4.11, 8, 101, 0.1)
     assert program_met(program(reqs, [ok], kind="agentic_tools"), spec)
     assert not program_met(program(reqs, [late], kind="agentic_tools"), spec)
 
 
-def test_summary_goodput_and_percentiles():
+def test_program_mode_judges_the_program_end_to_end():
+    """Program mode: the whole program within multiple x its critical path at
+    serial pace (+ tool delays); a slow stage alone does not fail it."""
+    spec = SLOSpec(mode="program", program_multiple=4.0)
+    first = serial(0, 0.2, 0.005, n=11)
+    stages = [StageRecord(0, "serial", 0.0, 0.3, 1, 11, 0.0),  # path 1.0 + 10 * 0.01
+              StageRecord(1, "parallel", 0.3, 9.3, 8, 101, 0.0)]  # path 1.0 + 100 * 0.01
+    # deadline = 4 * (1.1 + 2.0) = 12.4 s; the stage alone took 9 s (stage mode: 3 s)
+    rec = program([first], stages, kind="parallel_reasoning")
+    rec.end = 12.3
+    assert program_met(rec, spec)
+    assert failures(rec, SLOSpec()) == ["stage_deadline"]
+    rec.end = 12.5
+    assert failures(rec, spec) == ["program_deadline"]
+
+
+def test_summary_goodput_over_a_fixed_window_and_percentiles():
     recs = [program([serial(i, 0.1, 0.005 if i % 2 else 0.02)], []) for i in range(10)]
     for i, r in enumerate(recs):
         r.pid, r.arrival, r.start = f"p{i}", float(i), float(i)
-    s = summarize(recs, SLOSpec())
+    spec = SLOSpec(drain=5.0)
+    s = summarize(recs, spec)
     assert s["slo_attainment"] == 0.5
-    assert s["goodput"] == pytest.approx(5 / (recs[-1].end - 0.0))
+    # window: first arrival 0 to last arrival 9, plus the drain: 14 s for every policy
+    assert s["window_s"] == 14.0 and s["goodput"] == pytest.approx(5 / 14.0)
     assert s["tpot_s"]["p50"] == pytest.approx(0.0125, rel=0.5)
     assert s["ttft_s"]["p99"] == pytest.approx(0.1)
+    # A program still running when the window closes is cut off, counted once.
+    recs[1].end = 20.0
+    s = summarize(recs, spec)
+    assert s["slo_attainment"] == 0.4 and s["failures"]["timeout"] == 1
+    assert s["window_s"] == 14.0
 
 
-def test_goodput_flags():
+def test_goodput_flags_and_rates():
     assert parse_goodput(["ttft:500", "tpot:20"]) == {"ttft": (0.5, False),
                                                       "tpot": (0.02, False)}
-    assert parse_goodput(["tpot:3x"])["tpot"] == (3.0, True)
+    assert parse_goodput(["tpot:3x"]) == {"ttft": (10.0, True), "tpot": (3.0, True)}
     with pytest.raises(ValueError, match="ttft:MS"):
         parse_goodput(["e2e:5"])
+    assert parse_rate("0.6").resolve(10.0) == 0.6
+    assert parse_rate("40%").resolve(2.0) == pytest.approx(0.8)
+    for bad in ("fast", "-1", "0%"):
+        with pytest.raises(ValueError, match="rate"):
+            parse_rate(bad)
 
 
-def test_rate_scaling_and_ratios():
+def test_presets_and_length_scale():
+    long, mixed = PRESETS["long-context"], PRESETS["mixed"]
+    assert long.prompt_tokens[0] >= 1024 and mixed.prompt_tokens[1] < 128
+    progs = generate(long)
+    short = generate(WorkloadConfig(length_scale=0.25))
+    assert [p.kind for p in short] == [p.kind for p in progs]  # same draws, scaled
+    ratio = sum(decode_tokens(p) for p in short) / sum(decode_tokens(p) for p in progs)
+    assert 0.2 < ratio < 0.3
+    assert all(256 <= p.prompt_tokens <= 1024 for p in short)
+
+
+def test_rate_scaling():
     progs = generate(WorkloadConfig(num_programs=10, rate=1.0))
     fast = at_rate(progs, 1.0, 2.0)
     assert fast[-1].arrival == pytest.approx(progs[-1].arrival / 2)
-    runs = [{"policy": p, "rate": 1.0, "summary": {"goodput": g}}
-            for p, g in (("off", 1.0), ("eager", 2.0), ("cap:2", 2.5), ("taper", 3.0))]
-    r = ratios(runs)
-    assert r == {"taper/off": 3.0, "taper/eager": 1.5, "taper/best cap": 1.2}
-    assert max_rate_at([(1.0, 0.99), (2.0, 0.96), (3.0, 0.8)]) == 2.0
-    assert max_rate_at([(1.0, 0.5)]) is None
 
 
 def test_report_renders(tmp_path):
     from bench import report
 
     recs = [program([serial(0, 0.1, 0.005)], [])]
-    run = {"policy": "taper", "rate": 1.0, "tpot_slo": 0.01,
+    run = {"policy": "taper", "seed": 0, "rate": 1.0, "tpot_slo": 0.01,
            "summary": summarize(recs, SLOSpec()), "server": {"mean_width": 3.0},
            "tpots_ms": [5.0], "width_series": [(1.0, 3.0), (2.0, 4.0)]}
-    files = report.write({"runs": [run], "ratios": {}}, tmp_path)
+    files = report.write({"runs": [run]}, tmp_path)
     assert json.loads(files["json"].read_text())["runs"][0]["policy"] == "taper"
-    assert "| taper | 1.00 |" in files["markdown"].read_text()
+    assert "| taper | 0 | 1.000 |" in files["markdown"].read_text()
     for name in ("attainment_vs_rate", "tpot_cdf", "width_over_time"):
         assert files[name].stat().st_size > 1000

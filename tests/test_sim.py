@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from bench.cli import with_slo
 from bench.metrics import SLOSpec, summarize
 from bench.sim import cost as costs
 from bench.sim.run import simulate, warm_start
-from bench.workload import WorkloadConfig, generate
+from bench.workload import PRESETS, generate, with_slo
 
 PROFILE = "bench/sim/profiles/h200_qwen3_32b_decode.json"
 
 
 def workload(n: int = 80, rate: float = 1.0, seed: int = 1):
-    progs = generate(WorkloadConfig(num_programs=n, rate=rate, seed=seed, width=(4, 16),
-                                    branch_tokens=(128, 512), chat_tokens=(64, 256)))
+    progs = generate(replace(PRESETS["mixed"], num_programs=n, rate=rate, seed=seed,
+                             width=(4, 16), branch_tokens=(128, 512), chat_tokens=(64, 256)))
     return with_slo(progs, 2.0, 0.03)
 
 
@@ -28,7 +28,7 @@ def test_same_seed_same_result():
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-@pytest.mark.parametrize("policy", ["off", "eager", "cap:4", "taper", "oracle"])
+@pytest.mark.parametrize("policy", ["off", "eager", "cap:4", "taper", "clairvoyant"])
 def test_every_program_completes_under_every_policy(policy):
     cost = costs.load(f"measured:{PROFILE}")
     progs = workload(40)

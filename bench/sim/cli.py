@@ -1,167 +1,175 @@
-"""`taper sim` and `taper profile`."""
+"""`taper sim`: the workload in the simulator under each policy.
+
+A discrete-event engine driven by the real controller, with a step-time cost
+model; the same sweep, metrics and report as `taper bench`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
-from bench import report
-from bench.cli import (
-    add_workload_args,
-    at_rate,
-    parse_goodput,
-    ratios,
-    with_slo,
-    workload_config,
-)
-from bench.metrics import SLOSpec, max_rate_at, request_tpot, summarize
-from bench.workload import generate, load_jsonl, save_jsonl
+from bench import options, report
+from bench.calibration import capacity, from_cost, mean_context
+from bench.metrics import allowance, request_tpot, summarize
+from bench.sweep import SweepSpec, aggregate, sweep_one
+from bench.workload import at_rate, generate, load_jsonl, save_jsonl, with_slo
 
-DEFAULT_SIM_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper,oracle"
+DEFAULT_SIM_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper,clairvoyant"
+DEFAULT_COST = "measured:bench/sim/profiles/h200_qwen3_32b_decode.json"
 
 
-def _isolated(cost, prompt: int = 64) -> dict:
-    gap = getattr(cost, "gap", 0.0)
-    return {"ttft_s": cost.prefill(prompt, 1) + gap,
-            "tpot_s": cost.decode(1, prompt) + gap}
+def _programs(ns, seed: int):
+    if ns.dataset:
+        return load_jsonl(ns.dataset)
+    return generate(options.workload_config(ns, seed))
 
 
-def _parse_widths(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.append((int(lo), int(hi or lo)))
-    return out
-
-
-def run_sim(ns) -> dict:
-    from dataclasses import replace
-
+def _setup(ns, seed: int) -> dict:
+    """Everything a probe of this seed needs, computed once per process. The
+    engine's isolated figures and capacity come from the cost model, unless the
+    run was given measured ones (`ns.calibration`: a live run's)."""
     from bench.sim import cost as costs
     from bench.sim.engine import SimConfig
+
+    cost = costs.load(ns.cost_model)
+    progs = _programs(ns, seed)
+    cal = getattr(ns, "calibration", None) or from_cost(cost, mean_context(progs))
+    ttft, tpot = options.slo_seconds(options.parse_goodput(ns.goodput), cal)
+    return {"cost": cost, "programs": with_slo(progs, ttft, tpot), "calibration": cal,
+            "capacity": capacity(cal, progs), "ttft": ttft, "tpot": tpot,
+            "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed)}
+
+
+_CACHE: dict = {}
+
+
+def _probe(ns, seed: int, policy: str, rate: float) -> dict:
     from bench.sim.run import simulate
     from controller import TaperConfig
 
-    cost = costs.load(ns.cost_model)
-    costs.check(cost)
-    base_cfg = workload_config(ns)
-    iso = _isolated(cost)
-    slo = parse_goodput(ns.goodput)
-    spec = SLOSpec(branch_stretch=ns.branch_stretch)
-    policies = [p.strip() for p in ns.policies.split(",")]
-    sim_cfg = SimConfig(kv_capacity=ns.kv_capacity, seed=ns.seed)
-    taper_cfg = TaperConfig(branch_stretch=ns.branch_stretch)
-    result = {"config": {k: v for k, v in vars(ns).items() if k != "func"},
-              "cost_model": cost.describe(), "calibration": iso,
-              "versions": report.versions(), "runs": []}
-    rates = ns.sweep or [ns.request_rate]
-    scales = ns.slo_scales or [1.0]
-    widths = ns.widths or [base_cfg.width]
-    for width in widths:
-        wcfg = replace(base_cfg, width=width)
-        base_programs = load_jsonl(ns.dataset) if ns.dataset else generate(wcfg)
-        if ns.save_trace:
-            save_jsonl(base_programs, ns.save_trace)
-        for scale in scales:
-            ttft = scale * slo["ttft"][0] * (iso["ttft_s"] if slo["ttft"][1] else 1.0)
-            tpot = scale * slo["tpot"][0] * (iso["tpot_s"] if slo["tpot"][1] else 1.0)
-            for rate in rates:
-                progs = with_slo(at_rate(base_programs, base_cfg.rate, rate), ttft, tpot)
-                for policy in policies:
-                    t0 = time.monotonic()
-                    out = simulate(progs, cost, policy, taper_cfg, sim_cfg)
-                    s = summarize(out["records"], spec)
-                    result["runs"].append({
-                        "policy": policy, "rate": rate, "slo_scale": scale,
-                        "width": list(width), "tpot_slo": tpot, "ttft_slo": ttft,
-                        "summary": s, "server": out["server"], "wall_s": time.monotonic() - t0,
-                        "tpots_ms": sorted(1e3 * t for p in out["records"] for r in p.requests
-                                           if r.role == "serial"
-                                           and (t := request_tpot(r.token_times)) is not None),
-                        "width_series": []})
-                    print(f"[sim] {policy:7s} rate {rate:g} slo x{scale:g} width {width}: "
-                          f"goodput {s['goodput']:.3f}, attainment "
-                          f"{100 * s['slo_attainment']:.1f}% ({time.monotonic() - t0:.1f} s)",
-                          file=sys.stderr, flush=True)
-    if len(rates) > 1:
-        pts: dict[str, list] = {}
-        for r in result["runs"]:
-            if r["slo_scale"] == scales[0] and tuple(r["width"]) == tuple(widths[0]):
-                pts.setdefault(r["policy"], []).append((r["rate"], r["summary"]["slo_attainment"]))
-        result["max_rate"] = {p: max_rate_at(v) for p, v in pts.items()}
-    first = [r for r in result["runs"] if r["slo_scale"] == scales[0]
-             and tuple(r["width"]) == tuple(widths[0])]
-    result["ratios"] = ratios(first)
-    taper = [r for r in first if r["policy"] == "taper" and r["rate"] == first[0]["rate"]]
-    orc = [r for r in first if r["policy"] == "oracle" and r["rate"] == first[0]["rate"]]
-    if taper and orc and orc[0]["summary"]["goodput"] > 0:
-        result["ratios"]["taper/oracle"] = (taper[0]["summary"]["goodput"]
-                                            / orc[0]["summary"]["goodput"])
-    if result.get("max_rate"):
-        from bench.cli import max_rate_ratios
+    key = (json.dumps(vars(ns), sort_keys=True, default=str), seed)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = _setup(ns, seed)
+    st = _CACHE[key]
+    spec = options.slo_spec(ns)
+    t0 = time.monotonic()
+    base = TaperConfig(branch_stretch=spec.stretch)
+    out = simulate(at_rate(st["programs"], 1.0, rate), st["cost"], policy, base, st["sim"])
+    summary = summarize(out["records"], spec)
+    return {"policy": policy, "seed": seed, "rate": rate, "load": rate / st["capacity"],
+            "tpot_slo": st["tpot"], "ttft_slo": st["ttft"], "summary": summary,
+            "server": out["server"], "wall_s": time.monotonic() - t0,
+            "tpots_ms": [round(1e3 * t, 4) for p in out["records"] for r in p.requests
+                         if r.role == "serial" and (t := request_tpot(r.token_times))
+                         is not None]}
 
-        result["ratios"].update(max_rate_ratios(result["max_rate"]))
-    return result
+
+def _task(args) -> list[dict]:
+    """One (policy, seed): its grid or its bisection (in a worker process)."""
+    ns, seed, policy, spec = args
+    log = None
+    if not ns.quiet:
+        def log(msg: str) -> None:
+            print(f"[sim] {policy:11s} seed {seed}: {msg}", file=sys.stderr, flush=True)
+    return sweep_one(lambda rate: _probe(ns, seed, policy, rate), spec, log)
+
+
+def sweep_spec(ns, cap: float) -> SweepSpec:
+    """Rates in programs/s from the command line, relative ones against `cap`."""
+    sweep = options.parse_sweep(ns.sweep)
+    start = options.parse_rate(ns.request_rate).resolve(cap)
+    if sweep is None:
+        return SweepSpec(grid=(start,))
+    if sweep == "auto":
+        return SweepSpec(start=start)
+    return SweepSpec(grid=tuple(r.resolve(cap) for r in sweep))
+
+
+def run_sim(ns, calibration: dict | None = None) -> dict:
+    """Every (policy, seed) of the command line, in parallel worker processes.
+    `calibration`: measured isolated figures and capacity to use instead of the
+    cost model's (see `_setup`)."""
+    from bench.sim.bound import max_rate_bound
+
+    ns.calibration = calibration
+    if ns.kv_capacity is None:
+        from bench.sim import cost as costs
+
+        linear = costs.load(ns.cost_model).name.startswith("linear")
+        ns.kv_capacity = 65536 if linear else 400_000
+    seeds = options.seeds(ns)
+    policies = options.policies(ns)
+    spec_slo = options.slo_spec(ns)
+    firsts = {s: _setup(ns, s) for s in seeds}
+    first = firsts[seeds[0]]
+    if ns.save_trace:
+        save_jsonl(first["programs"], ns.save_trace)
+    specs = {s: sweep_spec(ns, firsts[s]["capacity"]) for s in seeds}
+    tasks = [(ns, s, p, specs[s]) for s in seeds for p in policies]
+    workers = max(1, min(ns.workers or os.cpu_count() or 1, len(tasks)))
+    runs: list[dict] = []
+    if workers == 1:
+        for t in tasks:
+            runs += _task(t)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for out in pool.map(_task, tasks):
+                runs += out
+    longest = {s: max(allowance(p, spec_slo) for p in firsts[s]["programs"]) for s in seeds}
+    bound = {s: max_rate_bound(firsts[s]["programs"], firsts[s]["cost"], firsts[s]["sim"],
+                               longest[s]) for s in seeds}
+    return {
+        "kind": "sim",
+        "config": {k: v for k, v in vars(ns).items() if k != "func"},
+        "workload": asdict(options.workload_config(ns)),
+        "cost_model": first["cost"].describe(),
+        "calibration": first["calibration"],
+        "capacity_programs_per_s": {s: f["capacity"] for s, f in firsts.items()},
+        "slo": {"ttft_s": first["ttft"], "tpot_s": first["tpot"], "mode": spec_slo.mode,
+                "branch_stretch": spec_slo.branch_stretch,
+                "program_multiple": spec_slo.program_multiple, "drain_s": spec_slo.drain},
+        "versions": report.versions(),
+        "runs": runs,
+        "sweep": aggregate(runs, upper_bound=bound),
+    }
+
+
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    options.add_workload_args(p, DEFAULT_SIM_POLICIES, "results/sim")
+    p.add_argument("--cost-model", default=DEFAULT_COST,
+                   help="measured:PATH (a table of decode steps, bench/sim/profiles/), "
+                   "linear:PATH (from taper profile or a live calibration), or "
+                   f"analytic:MODEL@GPU (qwen3-8b|qwen3-32b @ h100|h200); default {DEFAULT_COST}")
+    p.add_argument("--kv-capacity", type=int, default=None,
+                   help="KV tokens (default: 65536 for linear models, else 400000)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: one per CPU)")
+    p.add_argument("--quiet", action="store_true", help="no line per probe")
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="taper sim", description="Simulate a workload under "
-                                "each policy with a step-time cost model.")
-    add_workload_args(p)
-    p.set_defaults(policies=DEFAULT_SIM_POLICIES, result_dir="results/sim")
-    p.add_argument("--cost-model", default="analytic:qwen3-32b@h200",
-                   help="linear:PATH (from taper profile), analytic:MODEL@GPU "
-                   "(qwen3-8b|qwen3-32b @ h100|h200) or measured:PATH")
-    p.add_argument("--kv-capacity", type=int, default=None,
-                   help="KV tokens (default: 65536 for linear models, else from GPU memory)")
-    p.add_argument("--slo-scales", type=lambda t: [float(x) for x in t.split(",")],
-                   help="sweep: multiply both SLOs, e.g. 0.5,1,2")
-    p.add_argument("--widths", type=_parse_widths, help="sweep: width ranges, e.g. 2-4,8-16")
-    p.add_argument("--no-plots", action="store_true")
+    p = argparse.ArgumentParser(prog="taper sim", description=__doc__)
+    add_sim_args(p)
     ns = p.parse_args(argv)
     try:
-        parse_goodput(ns.goodput)
-        workload_config(ns)
+        options.validate(ns, live=False)
         from bench.sim import cost as costs
 
-        cost = costs.load(ns.cost_model)
+        costs.check(costs.load(ns.cost_model))
     except (ValueError, OSError) as e:
         print(f"taper sim: error: {e}", file=sys.stderr)
         return 2
-    if ns.kv_capacity is None:
-        ns.kv_capacity = 65536 if cost.name.startswith("linear") else 400_000
     t0 = time.monotonic()
     result = run_sim(ns)
     result["wall_s"] = time.monotonic() - t0
     files = report.write(result, Path(ns.result_dir), render_plots=not ns.no_plots)
     print(report.markdown(result))
     print(f"[sim] {result['wall_s']:.0f} s; results in " + ", ".join(map(str, files.values())))
-    return 0
-
-
-def profile_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="taper profile", description="Fit the live engine's "
-                                "step-time model from controlled batches (server must run "
-                                "`taper serve --taper-policy eager`).")
-    p.add_argument("--base-url", default=None, help="a running server (default: start one)")
-    p.add_argument("--out", default="results/cpu_profile.json")
-    ns = p.parse_args(argv)
-    from bench.sim.profile import profile
-    from sglang_taper.server import ServerProcess
-
-    server = None
-    url = ns.base_url
-    if url is None:
-        server = ServerProcess(["--taper-policy", "eager", "--log-level", "warning"]).start()
-        url = server.url
-    try:
-        t0 = time.monotonic()
-        model = profile(url.rstrip("/"))
-        model.save(ns.out, fitted_s=time.monotonic() - t0)
-        print(f"[profile] {model.describe()}\n[profile] wrote {ns.out}")
-    finally:
-        if server is not None:
-            server.stop()
     return 0

@@ -10,26 +10,37 @@ Output records have the replay's format, so metrics and reports are shared.
 
 Determinism: one seeded RNG (step-time noise only); events are ordered by
 (time, kind, id); every counter belongs to the simulation instance.
+
+Data layout, for speed (a sweep runs thousands of simulations): a request is a
+`_Req` object while it waits and once it finishes, but while it decodes, what
+changes every step (tokens generated, token times) and what the controller's
+view shows live as numpy columns in a `RunningSet` (bench/sim/state.py), in the
+same order a list of running requests would have. The per-step work is then a
+few array operations over the batch, and Python work is per request admitted or
+finished, not per request per step. `_live` maps a running request's id back to
+its object for when it finishes.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
-from bench.replay import ProgramRecord, RequestRecord, StageRecord
+from bench.records import ProgramRecord, RequestRecord, StageRecord
 from bench.sim.cost import CostModel
+from bench.sim.state import RunningSet
 from bench.workload import Program
-from controller import Controller, StepResult, StepView
+from controller import Controller, StepResult
 from controller.view import NO_GROUP
 
 _TOOL, _ARRIVAL = 0, 1  # event kinds, in tie-break order
 _BRANCH_PROMPT = 4  # tokens a branch adds to the shared context ("Branch i:")
 _DIGEST = 10  # tokens the join appends per branch
-_CHARS_PER_TOKEN = 4
+_TOOL_RESULT = 8  # tokens of a tool's result, appended before a branch reads it
 
 
 @dataclass(slots=True)
@@ -56,8 +67,7 @@ class _Req:
     width: int = 1
     arrival_group: float = 0.0
     first_token: float = math.nan
-    generated: int = 0
-    token_times: list[float] = field(default_factory=list)
+    generated: int = 0  # set on admission and on finishing; the running set counts between
 
 
 @dataclass(slots=True, eq=False)
@@ -82,8 +92,12 @@ class Simulator:
         self.gap = self.cfg.gap if self.cfg.gap is not None else getattr(cost, "gap", 0.0)
         self.t = 0.0
         self.events: list[tuple] = []  # (time, kind, id, payload)
-        self.waiting: list[_Req] = []
-        self.running: list[_Req] = []
+        self.waiting: deque[_Req] = deque()  # FIFO: admission pops from the left
+        self.running = RunningSet()
+        self._live: dict[int, _Req] = {}  # rid -> request, for those in `running`
+        # Only with cascade attention does a step's cost read the groups' shared
+        # prefixes (the cost models ignore `shared_unique` otherwise).
+        self._cascade = bool(getattr(controller.config, "cascade", False))
         self.kv_used = 0
         self.records: list[ProgramRecord] = []
         self._next_rid = 0
@@ -108,13 +122,14 @@ class Simulator:
             if kind == _ARRIVAL:
                 self._arrive(payload, t)
             else:
-                self._issue(*payload, at=t)
+                *args, own = payload
+                self._issue(*args, at=t, own=own)
 
     def _arrive(self, spec: Program, t: float) -> None:
         rec = ProgramRecord(spec.pid, spec.kind, spec.arrival, t, t, spec.ttft_slo,
                             spec.tpot_slo)
         self.records.append(rec)
-        prog = _Prog(spec, rec, context=max(1, len(spec.prompt) // _CHARS_PER_TOKEN))
+        prog = _Prog(spec, rec, context=spec.context_tokens())
         self._advance(prog, t, uncached=prog.context)
 
     # --------------------------------------------------------------- programs
@@ -141,28 +156,31 @@ class Simulator:
                         stage.tokens[b], at=t, group=group)
 
     def _issue(self, prog: _Prog, stage: int, branch: int, role: str, uncached: int,
-               max_new: int, at: float, group: int = NO_GROUP) -> _Req:
+               max_new: int, at: float, group: int = NO_GROUP, own: int = 0) -> _Req:
+        """Queue a request. `own`: tokens of its branch's earlier generation in its
+        prompt (a tool branch reading its result)."""
         self._next_rid += 1
         if group == NO_GROUP and branch >= 0:  # a tool branch's second generation
             group = prog.group
         r = _Req(self._next_rid, prog, stage, branch, role, max(1, uncached),
-                 prog.context + (_BRANCH_PROMPT if branch >= 0 else 0), max_new, at, group,
-                 prog.spec.stages[stage].width if branch >= 0 else 1, prog.stage_start)
+                 prog.context + (_BRANCH_PROMPT if branch >= 0 else 0) + own, max_new, at,
+                 group, prog.spec.stages[stage].width if branch >= 0 else 1, prog.stage_start)
         self.waiting.append(r)
         return r
 
-    def _finish(self, r: _Req, t: float) -> None:
+    def _finish(self, r: _Req, t: float, token_times: list[float]) -> None:
         prog = r.prog
         prog.rec.requests.append(RequestRecord(
             stage=r.stage, branch=r.branch, role=r.role, start=r.start,
-            first_token=r.first_token, end=t, token_times=r.token_times,
+            first_token=r.first_token, end=t, token_times=token_times,
             output_tokens=r.generated, cached_tokens=r.context - r.new_tokens, error=None))
         stage = prog.spec.stages[r.stage]
         if stage.kind == "tools" and r.role == "branch":
-            # The tool call: the branch waits, then reads the result.
+            # The tool call: the branch waits, then reads the result. Its call is in
+            # the radix cache by then (all but the last token, never fed back).
             self._push(t + stage.tool_delay, _TOOL,
-                       (prog, r.stage, r.branch, "read", 8 + r.generated,
-                        stage.read_tokens[r.branch]))
+                       (prog, r.stage, r.branch, "read", _TOOL_RESULT + 1,
+                        stage.read_tokens[r.branch], r.generated + _TOOL_RESULT))
             return
         prog.outstanding -= 1
         if prog.outstanding:
@@ -183,9 +201,6 @@ class Simulator:
 
     # ------------------------------------------------------------------ steps
 
-    def _kv_of(self, r: _Req) -> int:
-        return r.context + r.generated
-
     def _prefill(self) -> bool:
         """Admit what fits from the waiting queue (FIFO) into one prefill step."""
         batch, tokens = [], 0
@@ -197,7 +212,7 @@ class Simulator:
                 break
             if need > budget:
                 break
-            self.waiting.pop(0)
+            self.waiting.popleft()
             batch.append(r)
             tokens += r.new_tokens
             budget -= need
@@ -206,79 +221,62 @@ class Simulator:
         dt = self.cost.prefill(tokens, len(batch)) + self.gap
         self.t += dt
         self.steps["prefill"] += 1
+        t = self.t
         for r in batch:
             self.kv_used += r.new_tokens + r.max_new
-            r.first_token = self.t
+            r.first_token = t
             r.generated = 1
-            r.token_times.append(self.t)
             if r.generated >= r.max_new:
                 self._release(r)
-                self._finish(r, self.t)
-            else:
-                self.running.append(r)
+                self._finish(r, t, [t])
+                continue
+            self._live[r.rid] = r
+            # The view's fields. A program's context changes only when its stage
+            # ends, when none of its requests runs, so `shared` is taken once here.
+            grouped = r.group >= 0
+            spec = r.prog.spec
+            self.running.add(r.rid, r.group, max(r.branch, 0), r.width,
+                             r.prog.context if grouped else 0, r.max_new, r.context,
+                             spec.ttft_slo, spec.tpot_slo,
+                             r.arrival_group if grouped else r.start, t)
         return True
 
     def _release(self, r: _Req) -> None:
         self.kv_used -= r.new_tokens + r.max_new
 
-    def _view(self, now: float) -> StepView:
-        rs = self.running
-        n = len(rs)
-        f = np.fromiter
-        group = f((r.group for r in rs), np.int64, n)
-        crit = group < 0
-        tpot = f((r.prog.spec.tpot_slo for r in rs), np.float64, n)
-        return StepView(
-            ids=[r.rid for r in rs], group=group,
-            branch=f((max(r.branch, 0) for r in rs), np.int64, n),
-            width=f((r.width for r in rs), np.int64, n),
-            kv_len=f((r.context + r.generated for r in rs), np.int64, n),
-            shared_len=f((r.prog.context if r.group >= 0 else 0 for r in rs), np.int64, n),
-            ttft_slo=f((r.prog.spec.ttft_slo for r in rs), np.float64, n), tpot_slo=tpot,
-            arrival=f((r.arrival_group if r.group >= 0 else r.start for r in rs), np.float64,
-                      n),
-            first_token=f((r.first_token for r in rs), np.float64, n),
-            generated=f((r.generated for r in rs), np.int64, n), critical=crit,
-            max_new=f((r.max_new for r in rs), np.int64, n), now=now,
-            waiting=len(self.waiting))
-
     def _decode(self) -> None:
-        view = self._view(self.t)
+        view = self.running.view(self.t, len(self.waiting))
         d = self.ctl.decide(view)
         keep = d.keep
-        kept = [self.running[i] for i in keep]
         g = view.group[keep]
         in_group = g >= 0
         kv = float(view.kv_len[keep].sum())
-        shared = view.shared_len[keep]
-        uniq = 0.0
-        if in_group.any():
-            codes, first = np.unique(g[in_group], return_index=True)
-            uniq = float(shared[in_group][first].sum())
-        cascade = getattr(self.ctl.config, "cascade", False)
-        kv_eff = kv - float(shared[in_group].sum()) if cascade else kv
-        dt = self.cost.decode(len(kept), kv_eff, uniq, cascade)
+        uniq, kv_eff = 0.0, kv
+        if self._cascade:
+            shared = view.shared_len[keep]
+            if in_group.any():
+                _, first = np.unique(g[in_group], return_index=True)
+                uniq = float(shared[in_group][first].sum())
+            kv_eff = kv - float(shared[in_group].sum())
+        dt = self.cost.decode(len(keep), kv_eff, uniq, self._cascade)
         if self.cost.step_noise:
             dt *= max(0.2, 1.0 + self.cost.step_noise * self.rng.standard_normal())
         start = self.t + self.gap
         self.t = start + dt
         self.steps["decode"] += 1
         self.decode_time += dt
-        self.branch_steps += int(in_group.sum())
+        self.branch_steps += int(np.count_nonzero(in_group))
         self.held_steps += len(d.held)
         self.ctl.observe(StepResult(d, step_time=dt, end=self.t))
-        done = []
-        for r in kept:
-            r.generated += 1
-            r.token_times.append(self.t)
-            if r.generated >= r.max_new:
-                done.append(r)
-        if done:
-            gone = set(id(r) for r in done)
-            self.running = [r for r in self.running if id(r) not in gone]
-            for r in done:
+        done = self.running.advance(keep, self.t)
+        if len(done):
+            # All leave the running set before any finishes: finishing may admit
+            # the program's next requests to the waiting queue.
+            for rid, generated, token_times in self.running.pop(done):
+                r = self._live.pop(rid)
+                r.generated = generated
                 self._release(r)
-                self._finish(r, self.t)
+                self._finish(r, self.t, token_times)
 
     def run(self, max_steps: int = 50_000_000) -> list[ProgramRecord]:
         for _ in range(max_steps):

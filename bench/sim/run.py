@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from bench.sim.cost import CostModel
 from bench.sim.engine import SimConfig, Simulator
 from bench.workload import Program
 from controller import Controller, StepTimeModel, TaperConfig
-from controller.policies import Candidates
 from controller.predictor import SCALE, features
 
 
@@ -29,54 +30,24 @@ def warm_start(cost: CostModel, cascade: bool = False) -> StepTimeModel:
     return StepTimeModel(tuple(float(v) for v in w), source=f"fit:{cost.name}")
 
 
-def oracle(cost: CostModel, gap: float) -> Controller:
-    """A clairvoyant controller: TAPER's mechanism with the true cost model, no
-    margin and no prediction error. Each step it admits the largest prefix of
-    the extras (same priority order) whose true step time fits the true slack,
-    i.e. the widest decision that still meets every critical deadline."""
-
-    def admit(c: Candidates) -> np.ndarray:
-        m = len(c.extras)
-        mask = np.zeros(m, dtype=bool)
-        if np.isinf(c.slack):
-            mask[:] = True
-            return mask
-        cum = np.cumsum(c.kv_own)
-
-        def fits(k: int) -> bool:
-            kv = c.base_kv + (cum[k - 1] if k else 0.0)
-            return cost.decode(c.base_n + k, kv) <= c.slack
-
-        lo, hi = 0, m  # largest k in [0, m] with fits(k); fits is monotone in k
-        if not fits(0):
-            return mask
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        mask[:lo] = True
-        return mask
-
-    ctl = Controller(TaperConfig(policy="taper", margin=0.0), policy=admit, name="oracle")
-    ctl.gap = gap
-    return ctl
-
-
-def make_controller(policy: str, cost: CostModel, gap: float, base: TaperConfig) -> Controller:
-    if policy == "oracle":
-        return oracle(cost, gap)
-    cfg = TaperConfig(**{**{f: getattr(base, f) for f in base.__slots__}, "policy": policy,
-                         "profile": None})
+def make_controller(policy: str, cost: CostModel, base: TaperConfig | None = None
+                    ) -> Controller:
+    """The controller the simulator runs under `policy`, with `base`'s other
+    settings. Its predictor is warm-started from the cost model, as a live
+    server is from `taper profile`; `clairvoyant` gets the true cost model and
+    no margin (it has no prediction error to hold back for)."""
+    fields = (base or TaperConfig()).to_dict()
+    fields.update(policy=policy, profile=None)
+    cfg = TaperConfig(**fields)
+    if cfg.spec.entry.needs_cost:
+        return Controller(replace(cfg, margin=0.0), cost=cost)
     return Controller(cfg, model=warm_start(cost))
 
 
 def simulate(programs: list[Program], cost: CostModel, policy: str,
              base: TaperConfig | None = None, sim: SimConfig | None = None) -> dict:
     sim = sim or SimConfig()
-    gap = sim.gap if sim.gap is not None else getattr(cost, "gap", 0.0)
-    ctl = make_controller(policy, cost, gap, base or TaperConfig())
+    ctl = make_controller(policy, cost, base)
     s = Simulator(programs, cost, ctl, sim)
     records = s.run()
     return {"records": records,

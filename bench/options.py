@@ -1,0 +1,202 @@
+"""Command-line options shared by `taper bench` and `taper sim` (named after
+`python -m sglang.bench_serving` and vLLM's --goodput where they overlap), and
+their parsing into the workload, the SLO and the sweep."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, fields, replace
+
+from bench.metrics import SLO_MODES, SLOSpec
+from bench.workload import DEFAULT_PRESET, PRESETS, WorkloadConfig
+
+DEFAULT_RATE = "50%"  # of the engine's measured capacity for the workload
+DEFAULT_GOODPUT = ("ttft:10x", "tpot:1.5x")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A request rate: absolute (programs/s) or a fraction of capacity."""
+
+    value: float
+    relative: bool  # value is a fraction of the engine's capacity (written "50%")
+
+    def resolve(self, capacity: float) -> float:
+        """Programs per second, given the capacity in programs per second."""
+        return self.value * capacity if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{100 * self.value:g}%" if self.relative else f"{self.value:g}/s"
+
+
+def parse_rate(text: str) -> Rate:
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            rate = Rate(float(text[:-1]) / 100, True)
+        else:
+            rate = Rate(float(text), False)
+    except ValueError:
+        raise ValueError(f"a rate is programs/s (0.6) or a share of capacity (50%), "
+                         f"got {text!r}") from None
+    if not rate.value > 0:
+        raise ValueError(f"a rate must be > 0, got {text!r}")
+    return rate
+
+
+def parse_sweep(text: str | None) -> list[Rate] | str | None:
+    """None (one rate), "auto" (bisection), or a list of rates."""
+    if text is None:
+        return None
+    if text.strip() == "auto":
+        return "auto"
+    return [parse_rate(t) for t in text.split(",") if t.strip()]
+
+
+def _goodput_item(item: str) -> tuple[str, tuple[float, bool]]:
+    m = re.fullmatch(r"(ttft|tpot):([0-9.]+)(x?)", item.strip())
+    if not m:
+        raise ValueError(f"--goodput: expected ttft:MS or tpot:MS (or :Nx), got {item!r}")
+    value, rel = float(m.group(2)), bool(m.group(3))
+    if value <= 0:
+        raise ValueError(f"--goodput: {item!r} must be > 0")
+    return m.group(1), (value if rel else value / 1e3, rel)
+
+
+def parse_goodput(items: list[str] | tuple[str, ...]) -> dict[str, tuple[float, bool]]:
+    """{'ttft': (value, relative), 'tpot': ...}: seconds, or a multiple of the
+    isolated value when relative (written Nx); a key not given keeps its default."""
+    out = dict(_goodput_item(i) for i in DEFAULT_GOODPUT)
+    out.update(_goodput_item(i) for i in items)
+    return out
+
+
+def slo_seconds(goodput: dict, isolated: dict) -> tuple[float, float]:
+    """(TTFT, TPOT) SLOs in seconds, relative ones against the isolated figures."""
+    ttft = goodput["ttft"][0] * (isolated["ttft_s"] if goodput["ttft"][1] else 1.0)
+    tpot = goodput["tpot"][0] * (isolated["tpot_s"] if goodput["tpot"][1] else 1.0)
+    return ttft, tpot
+
+
+def _range(kind):
+    def parse(text: str):
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}")
+        return (kind(parts[0]), kind(parts[1]))
+
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+
+
+# Flags that override one WorkloadConfig field of the preset.
+_OVERRIDES = {"num_prompts": "num_programs", "burstiness": "burstiness",
+              "chat_fraction": "chat_fraction", "width": "width",
+              "branch_tokens": "branch_tokens", "chat_tokens": "chat_tokens",
+              "prompt_tokens": "prompt_tokens", "serial_tokens": "serial_tokens",
+              "length_scale": "length_scale"}
+
+
+def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
+                      default_result_dir: str, default_length_scale: float | None = None,
+                      default_rate: str | None = DEFAULT_RATE) -> None:
+    p.add_argument("--workload", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"workload preset (default {DEFAULT_PRESET}); the flags below "
+                   "override single fields of it")
+    p.add_argument("--length-scale", type=float, default=default_length_scale,
+                   help="multiply every token length of the preset (default: "
+                   f"{default_length_scale or 1})")
+    p.add_argument("--num-prompts", type=int, help="programs (chat requests and branch "
+                   "programs) in the trace")
+    p.add_argument("--request-rate", default=default_rate,
+                   help="programs/s (0.6), or a share of the engine's measured capacity "
+                   f"for this workload (50%%); with --sweep auto the first rate tried "
+                   f"(default {(default_rate or 'see below').replace('%', '%%')})")
+    p.add_argument("--burstiness", type=float,
+                   help="Gamma shape of the arrival gaps; 1.0 is Poisson, < 1 burstier")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace")
+    p.add_argument("--seeds", type=_ints, help="repeat over these trace seeds, e.g. 0,1,2 "
+                   "(ratios are then reported with their spread)")
+    p.add_argument("--chat-fraction", type=float)
+    p.add_argument("--width", type=_range(int), help="branch width LO,HI")
+    p.add_argument("--branch-tokens", type=_range(int), help="output tokens per branch LO,HI")
+    p.add_argument("--chat-tokens", type=_range(int), help="output tokens per chat LO,HI")
+    p.add_argument("--serial-tokens", type=_range(int),
+                   help="output tokens per serial stage LO,HI")
+    p.add_argument("--prompt-tokens", type=_range(int), help="prompt (context) tokens LO,HI")
+    p.add_argument("--goodput", nargs="+", default=list(DEFAULT_GOODPUT), metavar="KEY:VALUE",
+                   help="SLOs: ttft:MS tpot:MS, or KEY:Nx for N times the isolated value "
+                   f"measured at the start of the run (default {' '.join(DEFAULT_GOODPUT)})")
+    p.add_argument("--slo-mode", choices=SLO_MODES, default="stage",
+                   help="stage: each parallel stage has a deadline (--branch-stretch); "
+                   "program: each program has one (--program-multiple); see bench/README.md")
+    p.add_argument("--branch-stretch", type=float, default=SLOSpec().branch_stretch,
+                   help="stage mode: a parallel stage may take this much longer than serial "
+                   "pace over its longest branch")
+    p.add_argument("--program-multiple", type=float, default=SLOSpec().program_multiple,
+                   help="program mode: a program may take this many times its critical "
+                   "path at serial pace (plus its tool delays)")
+    p.add_argument("--drain", type=float, default=SLOSpec().drain,
+                   help="seconds after the last arrival before unfinished programs are cut "
+                   "off as failed; also closes the goodput window")
+    p.add_argument("--dataset", help="replay this trace (JSONL) instead of generating one")
+    p.add_argument("--save-trace", help="write the generated trace (JSONL) here")
+    p.add_argument("--sweep", help="auto: find each policy's highest rate at >= 95%% "
+                   "attainment by bisection (to 5%%); or rates to test, e.g. 25%%,50%%,75%% "
+                   "or 0.5,1,2")
+    p.add_argument("--policies", default=default_policies,
+                   help=f"comma-separated (default {default_policies})")
+    p.add_argument("--result-dir", default=default_result_dir,
+                   help="result.json, result.md and PNG plots go here")
+    p.add_argument("--output-file", help="append one JSON line per run here (JSONL)")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def workload_config(ns, seed: int | None = None) -> WorkloadConfig:
+    """The preset with the flags' overrides (rate 1/s: runs scale arrivals)."""
+    base = PRESETS[ns.workload]
+    over = {field: getattr(ns, flag) for flag, field in _OVERRIDES.items()
+            if getattr(ns, flag, None) is not None}
+    if "burstiness" in over and over["burstiness"] != 1.0:
+        over["arrival"] = "gamma"
+    known = {f.name for f in fields(WorkloadConfig)}
+    assert set(over) <= known
+    return replace(base, **over, rate=1.0, seed=ns.seed if seed is None else seed)
+
+
+def slo_spec(ns) -> SLOSpec:
+    return SLOSpec(mode=ns.slo_mode, branch_stretch=ns.branch_stretch,
+                   program_multiple=ns.program_multiple, drain=ns.drain)
+
+
+def seeds(ns) -> list[int]:
+    return list(ns.seeds) if ns.seeds else [ns.seed]
+
+
+def policies(ns) -> list[str]:
+    return [p.strip() for p in ns.policies.split(",") if p.strip()]
+
+
+def validate(ns, live: bool) -> None:
+    """Raise ValueError (one line) for bad input, before anything starts."""
+    from controller.policies import parse_policy
+
+    parse_goodput(ns.goodput)
+    if ns.request_rate is not None:
+        parse_rate(ns.request_rate)
+    parse_sweep(ns.sweep)
+    workload_config(ns)
+    slo_spec(ns)
+    for pol in policies(ns):
+        spec = parse_policy(pol)
+        if live and spec.entry.needs_cost:
+            raise ValueError(f"policy {pol!r} exists only in the simulator (taper sim)")
+    if not policies(ns):
+        raise ValueError("--policies: no policy given")

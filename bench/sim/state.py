@@ -1,0 +1,113 @@
+"""The simulator's running decode sequences, kept as numpy columns.
+
+Layout (struct of arrays): `ints` (int64) and `floats` (float64) are 2-D, one
+row per field and one column per running sequence, in admission order, which
+is the order the controller's `StepView` shows them. The first six rows of
+`ints` are the view's integer columns in one block, so that building a view is
+one copy of that block and one of `floats`, not a pass per field over objects.
+Admission writes one column at the end; finishing compacts the columns with a
+boolean mask, keeping the order (as removing from a list would).
+
+Token times: on admission a sequence reserves max_new slots of one float64
+buffer, from `BASE`; a decode step writes its end time at BASE + GENERATED for
+the whole kept batch in one indexed store, and a finished sequence's slots are
+read out as its record's list. When the buffer fills, the live segments are
+packed to its front (finished ones are dead), so it holds about the tokens of
+the running sequences, not of the whole run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from controller.view import StepView
+
+# Rows of `RunningSet.ints`. The first `_VIEW_INTS` are copied into each view.
+GROUP, BRANCH, WIDTH, SHARED, GENERATED, MAX_NEW, CONTEXT, RID, BASE = range(9)
+_VIEW_INTS = 6
+# Rows of `RunningSet.floats`, all copied into each view.
+TTFT, TPOT, ARRIVAL, FIRST = range(4)
+
+
+class RunningSet:
+    """The running sequences: their view columns and their token times."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.n = 0  # sequences running: the columns [0, n) are live
+        self.ints = np.zeros((9, capacity), np.int64)
+        self.floats = np.zeros((4, capacity), np.float64)
+        self.times = np.empty(64 * capacity)  # seconds, the token-time buffer
+        self._cursor = 0  # the buffer's first unreserved slot
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, rid: int, group: int, branch: int, width: int, shared: int, max_new: int,
+            context: int, ttft: float, tpot: float, arrival: float, first: float) -> None:
+        """Admit a sequence that has its first token (at `first`, seconds) and
+        `max_new` >= 2 tokens to produce in all. Arguments are the view's fields."""
+        n = self.n
+        if n == self.ints.shape[1]:
+            self.ints = np.concatenate([self.ints, np.zeros_like(self.ints)], axis=1)
+            self.floats = np.concatenate([self.floats, np.zeros_like(self.floats)], axis=1)
+        if self._cursor + max_new > len(self.times):
+            self._pack(max_new)
+        base = self._cursor
+        self._cursor += max_new
+        self.times[base] = first
+        self.ints[:, n] = (group, branch, width, shared, 1, max_new, context, rid, base)
+        self.floats[:, n] = (ttft, tpot, arrival, first)
+        self.n = n + 1
+
+    def view(self, now: float, waiting: int) -> StepView:
+        """The controller's view of the running sequences (copies: the controller
+        may keep what it is given, and the columns change after the step)."""
+        n = self.n
+        group, branch, width, shared, generated, max_new = self.ints[:_VIEW_INTS, :n].copy()
+        ttft, tpot, arrival, first = self.floats[:, :n].copy()
+        return StepView(
+            ids=self.ints[RID, :n].tolist(), group=group, branch=branch, width=width,
+            kv_len=self.ints[CONTEXT, :n] + generated, shared_len=shared, ttft_slo=ttft,
+            tpot_slo=tpot, arrival=arrival, first_token=first, generated=generated,
+            critical=group < 0, max_new=max_new, now=now, waiting=waiting)
+
+    def advance(self, keep: np.ndarray, end: float) -> np.ndarray:
+        """One decode step, ending at `end` (seconds), gave the sequences at
+        `keep` (ascending indices) a token each. Returns those that are now
+        done, ascending."""
+        gen = self.ints[GENERATED]
+        g = gen[keep]
+        self.times[self.ints[BASE, keep] + g] = end
+        g += 1
+        gen[keep] = g
+        return keep[g >= self.ints[MAX_NEW, keep]]
+
+    def pop(self, slots: np.ndarray) -> list[tuple[int, int, list[float]]]:
+        """Remove the sequences at `slots` (ascending); returns (rid, generated,
+        token times) for each, in that order."""
+        ints, times = self.ints, self.times
+        out = [(rid, gen, times[base:base + gen].tolist()) for rid, gen, base in
+               zip(ints[RID, slots].tolist(), ints[GENERATED, slots].tolist(),
+                   ints[BASE, slots].tolist())]
+        n = self.n
+        live = np.ones(n, dtype=bool)
+        live[slots] = False
+        m = n - len(slots)
+        ints[:, :m] = ints[:, :n][:, live]
+        self.floats[:, :m] = self.floats[:, :n][:, live]
+        self.n = m
+        return out
+
+    def _pack(self, extra: int) -> None:
+        """Move the live token segments to the front of a buffer with room for
+        `extra` more slots and as many again, so packing happens rarely."""
+        n = self.n
+        base, size = self.ints[BASE, :n], self.ints[MAX_NEW, :n]
+        start = np.cumsum(size) - size
+        live = int(size.sum())
+        src = np.repeat(base - start, size) + np.arange(live)  # each live slot's old index
+        times = np.empty(max(2 * (live + extra), len(self.times)))
+        times[:live] = self.times[src]
+        self.times = times
+        self.ints[BASE, :n] = start
+        self._cursor = live

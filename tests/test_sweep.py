@@ -1,0 +1,88 @@
+"""The shared sweep: bisection to the highest rate at >= 95% attainment, and the
+ratios over seeds (no server, no simulator: synthetic attainment curves)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.sweep import SweepSpec, aggregate, max_rate, sweep_one
+
+
+def curve(threshold: float):
+    """A probe whose attainment is 100% up to `threshold` programs/s and 90% above."""
+
+    def probe(rate: float) -> dict:
+        att = 1.0 if rate <= threshold else 0.9
+        return {"rate": rate, "summary": {"slo_attainment": att}}
+
+    return probe
+
+
+@pytest.mark.parametrize("threshold, start", [(1.0, 0.3), (1.0, 5.0), (0.37, 0.37), (2.9, 1.0)])
+def test_bisection_finds_the_highest_passing_rate_within_5_percent(threshold, start):
+    spec = SweepSpec(start=start)
+    runs = sweep_one(curve(threshold), spec)
+    best = max_rate(runs)
+    assert best["rate"] <= threshold and best["bounded"]
+    assert best["fail_above"] / best["rate"] <= 1.05
+    assert best["rate"] >= threshold / 1.05 * 0.999
+    assert len(runs) <= spec.max_probes
+    assert [r["probe"] for r in runs] == list(range(len(runs)))
+
+
+def test_a_policy_that_never_attains_has_no_max_rate():
+    spec = SweepSpec(start=1.0, floor=1 / 8)
+    runs = sweep_one(lambda r: {"rate": r, "summary": {"slo_attainment": 0.5}}, spec)
+    assert max_rate(runs) == {"rate": None, "fail_above": min(r["rate"] for r in runs),
+                              "bounded": True}
+    assert min(r["rate"] for r in runs) >= 1 / 8
+
+
+def test_grid_runs_every_rate_in_order():
+    runs = sweep_one(curve(1.5), SweepSpec(grid=(0.5, 1.0, 2.0)))
+    assert [r["rate"] for r in runs] == [0.5, 1.0, 2.0]
+    assert max_rate(runs)["rate"] == 1.0
+
+
+def _runs(policy: str, seed: int, threshold: float | None) -> list[dict]:
+    probe = curve(threshold) if threshold else (
+        lambda r: {"rate": r, "summary": {"slo_attainment": 0.0}})
+    out = sweep_one(probe, SweepSpec(start=1.0))
+    for r in out:
+        r.update(policy=policy, seed=seed)
+    return out
+
+
+def test_ratios_with_spread_best_cap_and_hindsight():
+    runs = []
+    maxima = {"off": (None, None), "eager": (1.0, 1.2), "cap:2": (1.5, 1.1),
+              "cap:4": (1.2, 1.9), "taper": (2.0, 2.0), "clairvoyant": (2.5, 2.5)}
+    for policy, per_seed in maxima.items():
+        for seed, m in enumerate(per_seed):
+            runs += _runs(policy, seed, m)
+    agg = aggregate(runs, upper_bound={0: 10.0, 1: 12.0})
+    taper = [agg["max_rate"]["taper"]["per_seed"][s] for s in (0, 1)]
+    assert all(1.9 <= t <= 2.0 for t in taper)
+    r = agg["ratios"]
+    assert r["taper/off"]["per_seed"] == {0: math.inf, 1: math.inf} and r["taper/off"]["counts"]
+    eager = r["taper/eager"]
+    assert eager["min"] > 1.5 and eager["counts"]
+    # Best cap per seed: cap:2 in seed 0, cap:4 in seed 1.
+    assert agg["best_cap"] == {0: "cap:2", 1: "cap:4"}
+    assert r["taper/best cap"]["min"] == pytest.approx(
+        min(taper[0] / agg["max_rate"]["cap:2"]["per_seed"][0],
+            taper[1] / agg["max_rate"]["cap:4"]["per_seed"][1]))
+    # Hindsight takes the best deployable policy (taper here), never clairvoyant.
+    assert r["taper/best in hindsight"]["per_seed"] == {0: 1.0, 1: 1.0}
+    assert not r["taper/best in hindsight"]["counts"]
+    assert r["taper/clairvoyant"]["max"] < 1 and r["taper/clairvoyant"]["counts"]
+    assert r["taper/upper bound"]["max"] < 0.25
+
+
+def test_a_ratio_whose_spread_straddles_one_does_not_count():
+    runs = _runs("taper", 0, 1.0) + _runs("taper", 1, 1.0)
+    runs += _runs("eager", 0, 0.8) + _runs("eager", 1, 1.3)
+    ratio = aggregate(runs)["ratios"]["taper/eager"]
+    assert ratio["min"] < 1 < ratio["max"] and not ratio["counts"]
