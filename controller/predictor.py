@@ -60,6 +60,20 @@ class StepTimeModel:
         return cls(tuple(float(w) for w in data["weights"]), source=str(path))
 
 
+def quantile(a: np.ndarray, q: float) -> float:
+    """`np.quantile(a, q)` (linear method), bit for bit, without its overhead
+    (about 20x slower on the few hundred values the controller keeps)."""
+    v = np.sort(a)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    t = pos - lo
+    a0, b0 = float(v[lo]), float(v[hi])
+    d = b0 - a0
+    # numpy's _lerp: from the nearer end, so that t = 1 gives b exactly
+    return b0 - d * (1.0 - t) if t >= 0.5 else a0 + d * t
+
+
 def features(n: int, kv: float, prefill: float, cascade_prefix: float = 0.0) -> np.ndarray:
     """Scaled feature vector of a batch (see the module docstring)."""
     return np.array([1.0, n, kv, prefill, cascade_prefix]) / SCALE
@@ -150,7 +164,7 @@ class StepTimePredictor:
         self.observed += 1
         if self._n_resid <= 32 or self._n_resid % 8 == 0:
             filled = self._resid[: min(self._n_resid, len(self._resid))]
-            self._margin = max(0.0, float(np.quantile(filled, self.quantile)))
+            self._margin = max(0.0, quantile(filled, self.quantile))
 
     def model(self) -> StepTimeModel:
         return StepTimeModel(tuple(float(w) for w in self.w), source="online")
