@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -246,6 +247,9 @@ def main(argv: list[str]) -> int:
         print(f"taper bench: error: {e}", file=sys.stderr)
         return 2
     Path(ns.result_dir).mkdir(parents=True, exist_ok=True)
+    # On SIGTERM unwind like on Ctrl-C, so that every server this run started stops
+    # (each runs in its own session: a killed bench would leave it busy-polling a core).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     result = run_bench(ns)
     result["wall_s"] = time.monotonic() - t0

@@ -36,6 +36,11 @@ class SweepSpec:
     factor: float = 1.6  # auto: bracketing step (x or / per probe)
     max_probes: int = 12  # auto: at most this many probes per (policy, seed)
     floor: float = 1 / 64  # auto: give up below start * floor (the policy never attains)
+    # auto, going down: give up when, far below target (by `far`), a lower rate gains
+    # less attainment than `flat`: the misses do not come from load (e.g. off under
+    # stage deadlines that serial branches cannot meet)
+    flat: float = 0.01
+    far: float = 0.1
     target: float = TARGET
 
     def __post_init__(self) -> None:
@@ -96,6 +101,9 @@ def sweep_one(probe: Callable[[float], dict], spec: SweepSpec,
                 lo = rate
             else:
                 hi = rate
+                a, before = attainment(runs[-1]), attainment(runs[-2])
+                if a < spec.target - spec.far and a - before < spec.flat:
+                    break
     while lo is not None and hi is not None and hi / lo > 1 + spec.tolerance \
             and len(runs) < spec.max_probes:
         mid = math.sqrt(lo * hi)

@@ -10,7 +10,7 @@ from controller.config import TaperConfig
 from controller.core import Controller
 from controller.policies import POLICIES, PolicySpec, parse_policy
 from controller.predictor import FEATURES, StepTimeModel, StepTimePredictor
-from controller.view import NO_GROUP, Decision, Seq, StepResult, StepView
+from controller.view import NO_GROUP, Decision, PrefillView, Seq, StepResult, StepView
 
 __all__ = [
     "FEATURES",
@@ -19,6 +19,7 @@ __all__ = [
     "Controller",
     "Decision",
     "PolicySpec",
+    "PrefillView",
     "Seq",
     "StepResult",
     "StepTimeModel",

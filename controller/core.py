@@ -10,11 +10,12 @@ from itertools import repeat
 
 import numpy as np
 
+from controller import prefill as prefill_gate
 from controller.config import TaperConfig
 from controller.policies import Candidates, StepCost, make_policy
-from controller.predictor import SCALE, StepTimeModel, StepTimePredictor, quantile
+from controller.predictor import SCALE, StepTimeModel, StepTimePredictor, features, quantile
 from controller.slack import step_budget
-from controller.view import Decision, StepResult, StepView
+from controller.view import Decision, PrefillView, StepResult, StepView
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -44,12 +45,14 @@ class Controller:
                         if entry.urgency else 0.0)
         if model is None and self.config.profile:
             model = StepTimeModel.load(self.config.profile)
-        self.predictor = StepTimePredictor(
-            model,
-            forgetting=self.config.forgetting,
-            upper_quantile=self.config.upper_quantile,
-            residual_window=self.config.residual_window,
-        )
+        fit = dict(forgetting=self.config.forgetting, upper_quantile=self.config.upper_quantile,
+                   residual_window=self.config.residual_window)
+        self.predictor = StepTimePredictor(model, **fit)
+        # Prefill steps, fitted on their own (intercept and prefill tokens excited).
+        self.prefill_predictor = StepTimePredictor(model, **fit)
+        self._prefill_gate = entry.prefill_gate
+        self._deferring = False  # a prefill is being deferred: decode the mandatory only
+        self._t_mand = 0.0  # seconds, predicted mandatory step time of the last decision
         self._held_since: dict[str, int] = {}  # id -> observed step its run of holds began
         self._observed = 0  # steps observed (numbers the steps for _held_since)
         self._starved: frozenset[str] = frozenset()  # held >= max_hold_steps
@@ -99,8 +102,14 @@ class Controller:
             kv_mand, prefix_mand = float(kv_m.sum()), 0.0
         x_mand = np.array([1.0, len(kv_m), kv_mand, view.prefill_tokens, prefix_mand])
         t_mand = float(w @ x_mand)
+        self._t_mand = t_mand
         slack = step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap)
         budget = slack - t_mand - self.predictor.upper_margin
+        if self._deferring:  # a deferred prefill waits for the critical requests' cushion
+            if view.waiting:
+                budget = min(budget, 0.0)
+            else:
+                self._deferring = False
 
         if len(extras):
             if self._order != "none":
@@ -140,6 +149,28 @@ class Controller:
             features=x / SCALE,
             ids=view.ids,
         )
+
+    @property
+    def gates_prefill(self) -> bool:
+        """Whether this policy ever defers a prefill (engines may skip asking)."""
+        return self._prefill_gate
+
+    def admit_prefill(self, view: StepView, prefill: PrefillView) -> bool:
+        """Before a prefill step: True to run it now, False to decode `view`'s
+        sequences first (see controller.prefill). Only for policies whose entry
+        gates prefills; the others always say True."""
+        if not (self._prefill_gate and len(view) and view.critical.any()):
+            self._deferring = False
+            return True
+        p = self.prefill_predictor
+        t_prefill = p.predict(features(0, 0, prefill.tokens)) + p.upper_margin
+        self._deferring = prefill_gate.defer(view, prefill, self.config.margin, t_prefill,
+                                             self._t_mand + self.gap)
+        return not self._deferring
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Learn from a finished prefill step of `tokens` tokens."""
+        self.prefill_predictor.update(features(0, 0, tokens), seconds)
 
     def _laxity(self, view: StepView, order: np.ndarray, head: np.ndarray,
                 extras: np.ndarray) -> np.ndarray:

@@ -18,7 +18,8 @@ the whole run: `off` never runs a second branch of a group and `cap:K` never
 more than K, however long a branch has waited. Only `taper` (and the
 simulator's `clairvoyant`) promote a branch held `max_hold_steps` steps in a
 row; only `taper` promotes a branch whose stage is about to miss its deadline
-(`urgent_paces`).
+(`urgent_paces`). Only `taper` gates prefills (`Controller.admit_prefill`): the
+baselines prefill whenever the engine would, as stock SGLang does.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class PolicyEntry:
     starvation: bool = False  # a branch held max_hold_steps in a row becomes mandatory
     urgency: bool = False  # a held branch under urgent_paces of laxity becomes mandatory
     needs_cost: bool = False  # needs the true step-time model: simulator only
+    # before a prefill step: defer it while it would make a running critical request
+    # miss an SLO that it can still meet (see Controller.admit_prefill)
+    prefill_gate: bool = False
     doc: str = ""
 
 
@@ -93,14 +97,14 @@ POLICIES: dict[str, PolicyEntry] = {}
 
 def register(name: str, usage: str | None = None, takes_arg: bool = False,
              order: str = "global", starvation: bool = False, urgency: bool = False,
-             needs_cost: bool = False):
+             needs_cost: bool = False, prefill_gate: bool = False):
     if order not in ("none", "group", "global"):
         raise ValueError(f"policy {name!r}: unknown order {order!r}")
 
     def deco(make):
         doc = (make.__doc__ or "").strip().split("\n")[0]
         POLICIES[name] = PolicyEntry(name, usage or name, takes_arg, make, order, starvation,
-                                     urgency, needs_cost, doc)
+                                     urgency, needs_cost, prefill_gate, doc)
         return make
 
     return deco
@@ -160,7 +164,7 @@ def _cap(k, _cost) -> Policy:
     return admit
 
 
-@register("taper", starvation=True, urgency=True)
+@register("taper", starvation=True, urgency=True, prefill_gate=True)
 def _taper(_k, _cost) -> Policy:
     """Admit extras in priority order while their summed predicted externality
     fits the step's slack budget."""

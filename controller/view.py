@@ -134,6 +134,16 @@ class Decision:
 
 
 @dataclass(slots=True, frozen=True)
+class PrefillView:
+    """A prefill step the engine is about to run instead of a decode step, and the
+    latency-critical requests waiting in its queue (for `Controller.admit_prefill`)."""
+
+    tokens: int  # prompt tokens the step would compute (those not in the prefix cache)
+    arrival: np.ndarray  # float64 seconds, arrival of each waiting latency-critical request
+    ttft_slo: np.ndarray  # float64 seconds, the TTFT SLO of each
+
+
+@dataclass(slots=True, frozen=True)
 class StepResult:
     """What the engine measured for one decode step."""
 

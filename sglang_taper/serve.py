@@ -9,13 +9,14 @@ reaches the plugin in SGLang's processes through the environment (SGLang's
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from controller.config import TaperConfig
-from sglang_taper.plugin import ENV_BATCH_INVARIANT, ENV_CONFIG, ENV_ENABLED
+from sglang_taper.plugin import ENV_BATCH_INVARIANT, ENV_CONFIG, ENV_ENABLED, ENV_SLOWDOWN
 
 # What the notes found to work on a CPU-only machine; each applies only when
 # the user did not pass the flag. Overlap scheduling is off because with it a
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                    "that holding branches out of a step never changes a greedy output "
                    "(default on with the CPU engine; on a GPU use SGLang's "
                    "--enable-deterministic-inference)")
+    p.add_argument("--taper-slowdown", type=float, default=1.0, metavar="F",
+                   help="testing: every forward pass takes F times as long, as on a machine "
+                   "F times slower (default 1: off)")
     p.add_argument("--taper-overlap", action="store_true",
                    help="on CPU, keep SGLang's overlap scheduler (off by default there: "
                    "with it a fork's prefix reaches the radix cache a step late)")
@@ -133,7 +137,15 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         args += ["--attention-backend", "taper_cascade" if cpu else "taper_cascade_flashinfer"]
         if not cpu and not _has(args, "--disable-cuda-graph"):
             args.append("--disable-cuda-graph")  # cascade steps are eager-only
-    env.pop(ENV_BATCH_INVARIANT, None)  # only this launcher's flag decides
+    env.pop(ENV_BATCH_INVARIANT, None)  # only this launcher's flags decide
+    env.pop(ENV_SLOWDOWN, None)
+    if not (ns.taper_slowdown >= 1.0 and math.isfinite(ns.taper_slowdown)):
+        raise ServeError(f"--taper-slowdown must be >= 1, got {ns.taper_slowdown}")
+    if ns.taper_slowdown > 1.0:
+        # The forward must have finished when run_batch returns: no overlap loop.
+        if ns.taper_overlap or not (cpu or _has(args, "--disable-overlap-schedule")):
+            raise ServeError("--taper-slowdown needs the overlap scheduler off")
+        env[ENV_SLOWDOWN] = repr(ns.taper_slowdown)
     if ns.taper_batch_invariant == "on" and not cpu:
         raise ServeError("--taper-batch-invariant is for the CPU engine; on a GPU use "
                          "SGLang's --enable-deterministic-inference")

@@ -28,6 +28,9 @@ def run_serve(*args: str) -> subprocess.CompletedProcess:
         (["--taper-margin", "1.5"], "--taper-margin must be in [0, 1)"),
         (["--taper-profile", "/no/such.json"], "no such file"),
         (["--enable-mixed-chunk"], "--enable-mixed-chunk"),
+        (["--taper-policy", "clairvoyant"], "only the simulator"),
+        (["--taper-slowdown", "0.5"], "--taper-slowdown must be >= 1"),
+        (["--taper-slowdown", "2", "--taper-overlap"], "overlap scheduler off"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, needle):
@@ -91,3 +94,12 @@ def test_cpu_engine_runs_float32_and_batch_invariant_by_default():
     with pytest.raises(ServeError, match="--enable-deterministic-inference"):
         build_launch(["--taper-device", "gpu", "--model-path", "/tmp",
                       "--taper-batch-invariant", "on"])
+
+
+def test_slowdown_reaches_the_plugin_and_only_when_asked():
+    slow = build_launch(["--taper-device", "cpu", "--taper-slowdown", "2.5"],
+                        base_env={**os.environ})
+    assert slow.env["TAPER_SLOWDOWN"] == "2.5"
+    plain = build_launch(["--taper-device", "cpu"],
+                         base_env={**os.environ, "TAPER_SLOWDOWN": "3"})
+    assert "TAPER_SLOWDOWN" not in plain.env

@@ -33,11 +33,17 @@ def test_bisection_finds_the_highest_passing_rate_within_5_percent(threshold, st
 
 
 def test_a_policy_that_never_attains_has_no_max_rate():
-    spec = SweepSpec(start=1.0, floor=1 / 8)
-    runs = sweep_one(lambda r: {"rate": r, "summary": {"slo_attainment": 0.5}}, spec)
+    """Attainment that lower rates do not improve is not load: the search stops."""
+    runs = sweep_one(lambda r: {"rate": r, "summary": {"slo_attainment": 0.5}},
+                     SweepSpec(start=1.0))
     assert max_rate(runs) == {"rate": None, "fail_above": min(r["rate"] for r in runs),
                               "bounded": True}
-    assert min(r["rate"] for r in runs) >= 1 / 8
+    assert len(runs) == 2
+    # While lower rates still help, it keeps going down, to the floor at most.
+    runs = sweep_one(lambda r: {"rate": r, "summary": {"slo_attainment": 0.9 - r / 10}},
+                     SweepSpec(start=1.0, floor=1 / 8))
+    assert max_rate(runs)["rate"] is None and min(r["rate"] for r in runs) >= 1 / 8
+    assert len(runs) == 5
 
 
 def test_grid_runs_every_rate_in_order():

@@ -174,12 +174,21 @@ class MeasuredCost(CostModel):
 
     def decode(self, n, kv, shared_unique=0.0, cascade=False):
         ctx = (kv + (shared_unique if cascade else 0.0)) / max(1, n)
-        # Interpolate over the measured grid; extrapolate linearly in batch beyond it.
-        rows = np.array([np.interp(ctx, self.contexts, row) for row in self.table])
-        if n <= self.batches[-1]:
-            return float(np.interp(n, self.batches, rows))
-        slope = (rows[-1] - rows[-2]) / (self.batches[-1] - self.batches[-2])
-        return float(rows[-1] + slope * (n - self.batches[-1]))
+        # Bilinear over the measured grid; linear beyond its last batch and last
+        # context (attention reads grow linearly with both). Only the two batch rows
+        # around n are interpolated in context: np.interp reads no others.
+        b = self.batches
+        j = min(max(int(np.searchsorted(b, n)) - 1, 0), len(b) - 2)
+        r0, r1 = self._at_context(j, ctx), self._at_context(j + 1, ctx)
+        if n <= b[-1]:
+            return float(np.interp(n, b[j:j + 2], (r0, r1)))
+        return float(r1 + (r1 - r0) / (b[-1] - b[-2]) * (n - b[-1]))
+
+    def _at_context(self, i: int, ctx: float) -> float:
+        c, row = self.contexts, self.table[i]
+        if ctx <= c[-1]:
+            return float(np.interp(ctx, c, row))
+        return float(row[-1] + (row[-1] - row[-2]) / (c[-1] - c[-2]) * (ctx - c[-1]))
 
     def prefill(self, tokens, reqs):
         return self._prefill.prefill(tokens, reqs)

@@ -34,7 +34,7 @@ from bench.records import ProgramRecord, RequestRecord, StageRecord
 from bench.sim.cost import CostModel
 from bench.sim.state import RunningSet
 from bench.workload import Program
-from controller import Controller, StepResult
+from controller import Controller, PrefillView, StepResult
 from controller.view import NO_GROUP
 
 _TOOL, _ARRIVAL = 0, 1  # event kinds, in tie-break order
@@ -106,6 +106,8 @@ class Simulator:
         self.steps = {"prefill": 0, "decode": 0}
         self.branch_steps = 0
         self.held_steps = 0
+        self.deferred_prefills = 0  # passes where the controller chose decode over prefill
+        self._gated = controller.gates_prefill
         self.decode_time = 0.0
         for p in programs:
             self._push(p.arrival, _ARRIVAL, p)
@@ -201,25 +203,44 @@ class Simulator:
 
     # ------------------------------------------------------------------ steps
 
-    def _prefill(self) -> bool:
-        """Admit what fits from the waiting queue (FIFO) into one prefill step."""
-        batch, tokens = [], 0
+    def _plan_prefill(self) -> tuple[int, int]:
+        """How many waiting requests (FIFO) the next prefill step takes, and the
+        tokens it computes."""
+        n, tokens = 0, 0
         budget = self.cfg.kv_capacity - self.kv_used
-        while self.waiting and len(self.running) + len(batch) < self.cfg.max_running:
-            r = self.waiting[0]
+        room = self.cfg.max_running - len(self.running)
+        for r in self.waiting:
             need = r.new_tokens + r.max_new  # reserve its output too, as SGLang does
-            if batch and tokens + r.new_tokens > self.cfg.max_prefill_tokens:
+            if n >= room or (n and tokens + r.new_tokens > self.cfg.max_prefill_tokens) \
+                    or need > budget:
                 break
-            if need > budget:
-                break
-            self.waiting.popleft()
-            batch.append(r)
+            n += 1
             tokens += r.new_tokens
             budget -= need
-        if not batch:
+        return n, tokens
+
+    def _gate_allows(self, tokens: int) -> bool:
+        """Ask a prefill-gating controller whether to prefill now or decode first."""
+        crit = [r for r in self.waiting if r.group < 0]
+        view = self.running.view(self.t, len(self.waiting))
+        pv = PrefillView(tokens, np.fromiter((r.start for r in crit), np.float64, len(crit)),
+                         np.fromiter((r.prog.spec.ttft_slo for r in crit), np.float64,
+                                     len(crit)))
+        return self.ctl.admit_prefill(view, pv)
+
+    def _prefill(self) -> bool:
+        """Admit what fits from the waiting queue (FIFO) into one prefill step,
+        unless the controller defers it (then False: the engine decodes)."""
+        n, tokens = self._plan_prefill()
+        if not n:
             return False
-        dt = self.cost.prefill(tokens, len(batch)) + self.gap
-        self.t += dt
+        if self._gated and len(self.running) and not self._gate_allows(tokens):
+            self.deferred_prefills += 1
+            return False
+        batch = [self.waiting.popleft() for _ in range(n)]
+        t_prefill = self.cost.prefill(tokens, len(batch))
+        self.ctl.observe_prefill(tokens, t_prefill)
+        self.t += t_prefill + self.gap
         self.steps["prefill"] += 1
         t = self.t
         for r in batch:

@@ -53,5 +53,6 @@ def simulate(programs: list[Program], cost: CostModel, policy: str,
     return {"records": records,
             "server": {"mean_width": s.branch_steps / max(1, s.steps["decode"]),
                        "held_branch_steps": s.held_steps, "decode_steps": s.steps["decode"],
-                       "prefill_steps": s.steps["prefill"], "decode_time_s": s.decode_time,
+                       "prefill_steps": s.steps["prefill"],
+                       "deferred_prefills": s.deferred_prefills, "decode_time_s": s.decode_time,
                        "sim_end_s": s.t}}

@@ -24,11 +24,14 @@ def _add_internal_state(result, *args, **kwargs):
     return result
 
 
-def install(config: TaperConfig) -> None:
-    """Register TAPER's hooks. Called once per SGLang process by the plugin."""
+def install(config: TaperConfig, slowdown: float = 1.0) -> None:
+    """Register TAPER's hooks. Called once per SGLang process by the plugin.
+    `slowdown` > 1 makes every forward pass take that many times as long (a
+    slower machine, for testing that the benchmark's verdict does not depend
+    on the machine's speed)."""
     from sglang_taper.adapter import scheduler, server
 
-    scheduler.install(config)
+    scheduler.install(config, slowdown)
     server.install()
     if config.cascade:
         from sglang_taper.adapter import cascade_backend

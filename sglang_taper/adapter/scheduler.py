@@ -398,6 +398,7 @@ def _split(batch, keep: np.ndarray, held: np.ndarray):
 
 _runtime: SchedulerRuntime | None = None
 _config: TaperConfig | None = None
+_slowdown = 1.0  # every forward pass takes this many times as long (testing)
 _regulating: object | None = None  # the batch update_running_batch is preparing
 
 
@@ -457,7 +458,10 @@ def _around_run_batch(original, scheduler, batch, *args, **kwargs):
         decode = batch.forward_mode.is_decode()
         set_batch_groups([m.row[0] if (m := getattr(r, "_taper", None)) is not None else -1
                           for r in batch.reqs] if decode else None)
+    t0 = time.perf_counter()
     result = original(scheduler, batch, *args, **kwargs)
+    if _slowdown > 1.0:  # the forward ran synchronously (CPU, no overlap): stretch it
+        time.sleep((_slowdown - 1.0) * (time.perf_counter() - t0))
     if _runtime is not None and batch.forward_mode.is_decode():
         _runtime.on_run(batch)
     return result
@@ -480,9 +484,9 @@ def _after_owning_rows(owners, checker, *args, **kwargs):
     return owners
 
 
-def install(config: TaperConfig) -> None:
-    global _config
-    _config = config
+def install(config: TaperConfig, slowdown: float = 1.0) -> None:
+    global _config, _slowdown
+    _config, _slowdown = config, slowdown
     HookRegistry.register(f"{_SCHED}.__init__", _after_init, HookType.AFTER)
     HookRegistry.register(f"{_SCHED}._create_generation_req", _after_create_req, HookType.AFTER)
     HookRegistry.register(f"{_SCHED}.ingest_requests", _before_ingest, HookType.BEFORE)
