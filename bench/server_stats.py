@@ -12,7 +12,8 @@ import urllib.error
 import urllib.request
 
 # Cumulative counters of /taper/stats that a run reports as after - before.
-COUNTERS = ("steps", "regulated_steps", "unsafe_steps", "held_branch_steps", "branch_steps")
+COUNTERS = ("steps", "regulated_steps", "unsafe_steps", "held_branch_steps", "branch_steps",
+            "deferred_prefills")
 
 
 class StatsClient:

@@ -52,7 +52,6 @@ class Controller:
         self.prefill_predictor = StepTimePredictor(model, **fit)
         self._prefill_gate = entry.prefill_gate
         self._deferring = False  # a prefill is being deferred: decode the mandatory only
-        self._t_mand = 0.0  # seconds, predicted mandatory step time of the last decision
         self._held_since: dict[str, int] = {}  # id -> observed step its run of holds began
         self._observed = 0  # steps observed (numbers the steps for _held_since)
         self._starved: frozenset[str] = frozenset()  # held >= max_hold_steps
@@ -69,18 +68,7 @@ class Controller:
         if n == 0:
             return Decision(_EMPTY, _EMPTY, 0, math.inf, 0.0, 0.0, np.zeros(len(SCALE)), ())
         g = view.group
-        order = np.lexsort((view.branch, g))  # by group, then branch index
-        gs = g[order]
-        head = np.empty(n, dtype=bool)
-        head[0] = True
-        np.not_equal(gs[1:], gs[:-1], out=head[1:])
-        mandatory = (g < 0) | view.critical
-        if view.pinned is not None:
-            mandatory |= view.pinned
-        mandatory[order[head]] = True  # each group's base branch: its lowest index
-        if self._starved:
-            mandatory |= np.fromiter((s in self._starved for s in view.ids), bool, n)
-
+        mandatory, order, head = self._mandatory(view)
         extras = (~mandatory).nonzero()[0]
         lax = None
         if len(extras) and self._order != "none":
@@ -93,16 +81,9 @@ class Controller:
         w = self.predictor.unit_costs
         cascade = self.config.cascade
         kv = view.kv_len
+        x_mand = self._features(view, mandatory)
         kv_m = kv[mandatory]
-        if cascade:
-            sh = view.shared_len[mandatory]
-            kv_mand = float((kv_m - sh).sum())
-            prefix_mand = float(self._group_prefix(g[mandatory], sh))
-        else:
-            kv_mand, prefix_mand = float(kv_m.sum()), 0.0
-        x_mand = np.array([1.0, len(kv_m), kv_mand, view.prefill_tokens, prefix_mand])
         t_mand = float(w @ x_mand)
-        self._t_mand = t_mand
         slack = step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap)
         budget = slack - t_mand - self.predictor.upper_margin
         if self._deferring:  # a deferred prefill waits for the critical requests' cushion
@@ -123,11 +104,11 @@ class Controller:
             costs = w[1] + w[2] * own
             if self._order == "group":
                 rank = self._run_rank(ext_g)
-                counts = self._mandatory_counts(gs, head, mandatory[order], ext_g)
+                counts = self._mandatory_counts(g[order], head, mandatory[order], ext_g)
             else:
                 rank, counts = _EMPTY, _EMPTY
             admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget,
-                                            len(kv_m), kv_mand, own, slack))
+                                            len(kv_m), x_mand[2], own, slack))
             admitted = extras[admit]
             externality = float(costs[admit].sum())
             mandatory[admitted] = True
@@ -150,6 +131,34 @@ class Controller:
             ids=view.ids,
         )
 
+    def _mandatory(self, view: StepView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sequences that run whatever the budget (ordinary, critical, pinned,
+        each group's base branch, starved ones), as a mask; with the group-sorted
+        order of the view and the first position of each group in it."""
+        n, g = len(view), view.group
+        order = np.lexsort((view.branch, g))  # by group, then branch index
+        gs = g[order]
+        head = np.empty(n, dtype=bool)
+        head[0] = True
+        np.not_equal(gs[1:], gs[:-1], out=head[1:])
+        mandatory = (g < 0) | view.critical
+        if view.pinned is not None:
+            mandatory |= view.pinned
+        mandatory[order[head]] = True  # each group's base branch: its lowest index
+        if self._starved:
+            mandatory |= np.fromiter((s in self._starved for s in view.ids), bool, n)
+        return mandatory, order, head
+
+    def _features(self, view: StepView, kept: np.ndarray) -> np.ndarray:
+        """Unscaled predictor features of the batch of `kept` (a mask)."""
+        kv_k = view.kv_len[kept]
+        if self.config.cascade:
+            sh = view.shared_len[kept]
+            kv, prefix = float((kv_k - sh).sum()), float(self._group_prefix(view.group[kept], sh))
+        else:
+            kv, prefix = float(kv_k.sum()), 0.0
+        return np.array([1.0, len(kv_k), kv, view.prefill_tokens, prefix])
+
     @property
     def gates_prefill(self) -> bool:
         """Whether this policy ever defers a prefill (engines may skip asking)."""
@@ -164,8 +173,10 @@ class Controller:
             return True
         p = self.prefill_predictor
         t_prefill = p.predict(features(0, 0, prefill.tokens)) + p.upper_margin
+        # What each decode step takes while the prefill waits: the mandatory batch.
+        t_mand = float(self.predictor.unit_costs @ self._features(view, self._mandatory(view)[0]))
         self._deferring = prefill_gate.defer(view, prefill, self.config.margin, t_prefill,
-                                             self._t_mand + self.gap)
+                                             t_mand + self.gap)
         return not self._deferring
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:

@@ -38,6 +38,7 @@ class TaperStats:
         self.steps = 0  # decode steps observed
         self.regulated_steps = 0  # steps with branches the controller decided on
         self.unsafe_steps = 0  # steps with branches run whole (penalties, spec, ...)
+        self.deferred_prefills = 0  # passes that decoded instead of prefilling (taper's gate)
         self.held_branch_steps = 0  # sum over steps of branches held
         self.branch_steps = 0  # sum over steps of branches that decoded
         self.max_width = 0  # most branches of one group that decoded in one step
@@ -78,6 +79,7 @@ class TaperStats:
             "steps": self.steps,
             "regulated_steps": self.regulated_steps,
             "unsafe_steps": self.unsafe_steps,
+            "deferred_prefills": self.deferred_prefills,
             "held_branch_steps": self.held_branch_steps,
             "branch_steps": self.branch_steps,
             "mean_branch_width": self.branch_steps / max(1, self.regulated_steps),

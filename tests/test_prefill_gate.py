@@ -44,7 +44,11 @@ def t_prefill(ctl: Controller, tokens: int) -> float:
 
 
 def cushion_of(ctl: Controller, v: StepView) -> float:
-    return float(cushions(v, ctl.config.margin, ctl._t_mand + ctl.gap)[0])
+    """The critical request's cushion, with mandatory steps as the controller
+    predicts them (the request and the group's base branch)."""
+    w = ctl.predictor.unit_costs
+    step = w[0] + 2 * w[1] + 2 * 200 * w[2]
+    return float(cushions(v, ctl.config.margin, step + ctl.gap)[0])
 
 
 def test_defers_while_a_critical_request_could_absorb_the_stall_later():

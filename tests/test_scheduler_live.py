@@ -154,6 +154,53 @@ def test_a_request_computes_the_same_alone_and_in_a_crowd(server_pool):
     ({"taper_bogus": 1}, "unknown TAPER key"),
     ({"taper_branch": 1}, "need taper_group"),
 ])
+def _critical_beside_long_prompts(url: str, tpot_slo: float) -> tuple[dict, list[dict]]:
+    """A critical request with a feasible TPOT SLO, and long uncached prompts sent
+    one after another while it decodes."""
+    result = {}
+
+    def critical() -> None:
+        result["critical"] = generate(url, "A critical turn beside long prompts:", 240,
+                                      custom_params={"taper_tpot": tpot_slo,
+                                                     "taper_ttft": 5.0})
+
+    t = threading.Thread(target=critical)
+    t.start()
+    time.sleep(0.1)
+    longs = [generate(url, f"Long prompt {i}: " + "words of context " * 500, 4)
+             for i in range(3)]
+    t.join(120)
+    return result["critical"], longs
+
+
+def test_taper_defers_a_long_prefill_a_critical_request_cannot_absorb(server_pool):
+    """A long prompt's prefill stalls every decoding request. Under taper it waits
+    while it would cost a running critical request an SLO that request can still
+    meet (its cushion); under eager it runs at once. Outputs are the same and no
+    request is lost either way."""
+    out = {}
+    for policy in ("taper", "eager"):
+        srv = server(server_pool, policy)
+        _wait_idle(srv)
+        # The idle server's TPOT, and one long prefill so the gate has seen one.
+        t0 = time.monotonic()
+        generate(srv.url, "Alone, for the isolated pace:", 64)
+        isolated = (time.monotonic() - t0) / 64
+        generate(srv.url, "Warm prefill: " + "other words again " * 500, 2)
+        before = stats(srv)
+        # 1.5x isolated: feasible alone, but a long stall near its end is not.
+        crit, longs = _critical_beside_long_prompts(srv.url, 1.5 * isolated)
+        after = stats(srv)
+        out[policy] = (crit["output_ids"], [o["output_ids"] for o in longs],
+                       after["deferred_prefills"] - before["deferred_prefills"])
+        assert crit["meta_info"]["completion_tokens"] == 240
+        assert all(o["meta_info"]["completion_tokens"] == 4 for o in longs)
+        kv = _wait_idle(srv)
+        assert kv["available"] + kv["evictable"] == kv["capacity"]
+    assert out["taper"][2] > 0 and out["eager"][2] == 0
+    assert out["taper"][:2] == out["eager"][:2]
+
+
 def test_bad_metadata_is_a_client_error_and_the_server_keeps_serving(server_pool, custom,
                                                                       needle):
     srv = server(server_pool, "taper")

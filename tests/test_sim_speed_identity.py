@@ -37,7 +37,7 @@ MEASURED = "measured:bench/sim/profiles/h200_qwen3_32b_decode.json"
 NOISY = "linear:bench/sim/profiles/cpu_tiny_llama.json"  # step noise: exercises the RNG
 
 EXPECTED = {
-    ("taper", MEASURED): "7cd40d84952dd069c8c05ce3474a6377ae49234fde79dcb45412266605358bd3",
+    ("taper", MEASURED): "35fbf7f77e165f1ba9fded892699f6b424150dbd0484c59fd170d381fa248bd3",
     ("cap:4", NOISY): "fda7d144eadc4bb3f725df65bad077d2aff67bb3ee97a652386746d4d364351d",
 }
 

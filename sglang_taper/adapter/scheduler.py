@@ -31,7 +31,7 @@ import time
 import numpy as np
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from controller import Controller, StepResult, StepView, TaperConfig
+from controller import Controller, PrefillView, StepResult, StepView, TaperConfig
 from controller.view import NO_GROUP
 from sglang_taper.meta import BranchMeta, parse_meta
 from sglang_taper.stats import StepRecord, TaperStats
@@ -58,17 +58,21 @@ class _Ids:
         return self._reqs[i].rid
 
 
+# Columns of `_ReqMeta.row`, one float row per request so that a view is one
+# np.array over the batch: group code, branch index, width, TTFT and TPOT SLOs
+# (seconds), arrival and first-token times (seconds, NaN before it), critical
+# (0/1), prompt tokens, tokens shared with the group (radix-cache hit), max_new_tokens.
+CODE, BRANCH, WIDTH, TTFT, TPOT, ARRIVAL, FIRST, CRITICAL, PROMPT, SHARED, MAX_NEW = range(11)
+
+
 class _ReqMeta:
     """Per-request state the view needs, attached to `Req` as `req._taper`."""
 
-    __slots__ = ("group", "row", "first_token")
+    __slots__ = ("group", "row")
 
     def __init__(self, group: str | None, row: list[float]) -> None:
         self.group = group  # group name, None if ordinary
-        # code, branch, width, ttft, tpot, arrival, first_token, critical, prompt_len, shared,
-        # max_new_tokens
-        self.row = row
-        self.first_token = math.nan
+        self.row = row  # the view's columns, indexed by CODE ... MAX_NEW
 
 
 def _timed(method):
@@ -192,27 +196,76 @@ class SchedulerRuntime:
                 _stamp_first_token(r, m, now)
         rows = np.array([r._taper.row for r in reqs], dtype=np.float64)
         generated = np.fromiter((len(r.output_ids) for r in reqs), np.int64, len(reqs))
-        prompt = rows[:, 8].astype(np.int64)
+        prompt = rows[:, PROMPT].astype(np.int64)
         pinned = np.fromiter(
             (r.to_finish is not None or r.grammar is not None or r.beam_group is not None
              for r in reqs), bool, len(reqs))
         return StepView(
             ids=_Ids(reqs),
-            group=rows[:, 0].astype(np.int64),
-            branch=rows[:, 1].astype(np.int64),
-            width=rows[:, 2].astype(np.int64),
+            group=rows[:, CODE].astype(np.int64),
+            branch=rows[:, BRANCH].astype(np.int64),
+            width=rows[:, WIDTH].astype(np.int64),
             kv_len=prompt + generated,
-            shared_len=rows[:, 9].astype(np.int64),
-            ttft_slo=rows[:, 3],
-            tpot_slo=rows[:, 4],
-            arrival=rows[:, 5],
-            first_token=rows[:, 6],
+            shared_len=rows[:, SHARED].astype(np.int64),
+            ttft_slo=rows[:, TTFT],
+            tpot_slo=rows[:, TPOT],
+            arrival=rows[:, ARRIVAL],
+            first_token=rows[:, FIRST],
             generated=generated,
-            critical=rows[:, 7].astype(bool),
-            max_new=rows[:, 10].astype(np.int64),
+            critical=rows[:, CRITICAL].astype(bool),
+            max_new=rows[:, MAX_NEW].astype(np.int64),
             now=now,
+            waiting=len(self.scheduler.waiting_queue),
             pinned=pinned if pinned.any() else None,
         )
+
+    def defer_prefill(self, running_batch) -> bool:
+        """Before SGLang builds a prefill batch: True to decode the running batch
+        first (the controller's prefill gate, controller/prefill.py). Never raises:
+        on an error the prefill runs, as stock SGLang would."""
+        sched = self.scheduler
+        if (self.disabled or not self.controller.gates_prefill or self.tp_size > 1
+                or sched.chunked_req is not None or not sched.waiting_queue
+                or running_batch.is_empty()):
+            return False
+        try:
+            reqs = running_batch.reqs
+            metas = [getattr(r, "_taper", None) for r in reqs]
+            if not any(m is not None and m.row[CRITICAL] for m in metas):
+                return False  # no latency-critical request decoding: nothing to protect
+            view = self._view(reqs, metas, time.monotonic())
+            deferred = not self.controller.admit_prefill(view, self._waiting_prefill())
+        except Exception:  # the gate is an optimization: never fail the scheduler for it
+            logger.exception("TAPER: prefill gate failed; prefilling as SGLang would")
+            return False
+        if deferred:
+            self.stats.deferred_prefills += 1
+        return deferred
+
+    def _waiting_prefill(self) -> PrefillView:
+        """The prefill SGLang would build now, approximately: waiting requests in
+        queue order, their prompt tokens not in the radix cache, up to the
+        scheduler's per-step token budget; and the waiting critical requests."""
+        from sglang.srt.mem_cache.common import match_kv_cache
+
+        sched = self.scheduler
+        limits = [x for x in (sched.max_prefill_tokens, sched.chunked_prefill_size) if x]
+        budget = min(limits) if limits else 1 << 30
+        tokens, arrival, ttft = 0, [], []
+        for req in sched.waiting_queue:
+            m = getattr(req, "_taper", None)
+            if m is None:
+                self.attach(req)
+                m = req._taper
+            if m.row[CRITICAL]:
+                arrival.append(m.row[ARRIVAL])
+                ttft.append(m.row[TTFT])
+            if tokens < budget:
+                # What SGLang's FCFS policy does to every waiting request each pass.
+                match_kv_cache(req, sched.tree_cache)
+                tokens += max(1, len(req.origin_input_ids) - req.prefix_len)
+        return PrefillView(min(tokens, budget), np.asarray(arrival, dtype=np.float64),
+                           np.asarray(ttft, dtype=np.float64))
 
     def _decide_on_rank0(self, view: StepView) -> np.ndarray:
         """With tensor parallelism every rank must build the same batch: rank 0
@@ -272,6 +325,9 @@ class SchedulerRuntime:
                 m = getattr(r, "_taper", None)
                 if m is not None:
                     _stamp_first_token(r, m, now)
+            if batch.launch_ts is not None and batch.extend_num_tokens:
+                self.controller.observe_prefill(int(batch.extend_num_tokens),
+                                                now - batch.launch_ts)
             return
         entry = self.inflight.pop(batch.forward_iter, None)
         if entry is None or batch.launch_ts is None:
@@ -292,7 +348,7 @@ class SchedulerRuntime:
         for r in batch.reqs:
             m = getattr(r, "_taper", None)
             if m is not None and m.group is not None:
-                names[m.row[0]] = m.group
+                names[m.row[CODE]] = m.group
         widths = {names.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts)}
         rec = StepRecord(
             end=now, seqs=len(view), kept=len(keep), kv=int(view.kv_len[keep].sum()),
@@ -344,9 +400,9 @@ class SchedulerRuntime:
 def _stamp_first_token(req, meta: _ReqMeta, now: float) -> None:
     """Once a request has its first token: record when, and how much of its
     prompt came from the radix cache (the prefix it shares with its group)."""
-    if meta.row[6] != meta.row[6] and req.output_ids:  # NaN: not stamped yet
-        meta.row[6] = now
-        meta.row[9] = min(req.cached_tokens, meta.row[8])
+    if meta.row[FIRST] != meta.row[FIRST] and req.output_ids:  # NaN: not stamped yet
+        meta.row[FIRST] = now
+        meta.row[SHARED] = min(req.cached_tokens, meta.row[PROMPT])
 
 
 def _batch_invariant() -> bool:
@@ -445,6 +501,13 @@ def _around_update_running(original, scheduler, batch, *args, **kwargs):
         _regulating = None
 
 
+def _around_should_defer_prefill(original, scheduler, running_batch, *args, **kwargs):
+    if original(scheduler, running_batch, *args, **kwargs):
+        return True  # SGLang's own prefill-decode interval
+    rt = _runtime
+    return rt is not None and rt.defer_prefill(running_batch)
+
+
 def _around_prepare_decode(original, batch, *args, **kwargs):
     if _runtime is not None and batch is _regulating:
         _runtime.regulate(batch)
@@ -456,7 +519,7 @@ def _around_run_batch(original, scheduler, batch, *args, **kwargs):
         from sglang_taper.adapter.cascade_backend import set_batch_groups
 
         decode = batch.forward_mode.is_decode()
-        set_batch_groups([m.row[0] if (m := getattr(r, "_taper", None)) is not None else -1
+        set_batch_groups([m.row[CODE] if (m := getattr(r, "_taper", None)) is not None else -1
                           for r in batch.reqs] if decode else None)
     t0 = time.perf_counter()
     result = original(scheduler, batch, *args, **kwargs)
@@ -493,6 +556,8 @@ def install(config: TaperConfig, slowdown: float = 1.0) -> None:
     HookRegistry.register(f"{_SCHED}.get_next_batch_to_run", _before_next_batch,
                           HookType.BEFORE)
     HookRegistry.register(f"{_SCHED}.update_running_batch", _around_update_running,
+                          HookType.AROUND)
+    HookRegistry.register(f"{_SCHED}._should_defer_prefill", _around_should_defer_prefill,
                           HookType.AROUND)
     HookRegistry.register(f"{_BATCH}.prepare_for_decode", _around_prepare_decode,
                           HookType.AROUND)
