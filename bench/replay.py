@@ -4,13 +4,13 @@ its arrival time and runs its stages, recording every request and stage."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
 
 from bench.client import Completion, generate
 from bench.records import ProgramRecord, RequestRecord, StageRecord
+from bench.server_stats import StatsClient
 from bench.workload import Program, Stage
 
 
@@ -85,22 +85,6 @@ async def run_program(session: aiohttp.ClientSession, url: str, prog: Program, t
     return rec
 
 
-async def _poll_stats(session, url: str, t0: float, out: list, period: float) -> None:
-    while True:
-        try:
-            async with session.get(url + "/taper/stats",
-                                   timeout=aiohttp.ClientTimeout(total=5)) as r:
-                if r.status == 200:
-                    s = json.loads(await r.text())
-                    out.append({"t": time.monotonic() - t0, "steps": s.get("steps", 0),
-                                "regulated_steps": s.get("regulated_steps", 0),
-                                "branch_steps": s.get("branch_steps", 0),
-                                "held_branch_steps": s.get("held_branch_steps", 0)})
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            pass
-        await asyncio.sleep(period)
-
-
 async def replay(url: str, programs: list[Program], max_concurrency: int | None = None,
                  progress=None, poll: float = 0.5, drain_timeout: float = 120.0
                  ) -> tuple[list[ProgramRecord], list[dict]]:
@@ -110,12 +94,14 @@ async def replay(url: str, programs: list[Program], max_concurrency: int | None 
     cut off (recorded with error "timeout") and the server's requests are
     aborted, so an overloaded policy cannot stall the benchmark.
     """
-    conn = aiohttp.TCPConnector(limit=0)
+    # A fresh connection per request: reusing a keep-alive connection the server
+    # had just closed failed a request with ServerDisconnectedError in a live run.
+    conn = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=conn) as session:
         sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         samples: list[dict] = []
         t0 = time.monotonic()
-        poller = asyncio.create_task(_poll_stats(session, url, t0, samples, poll))
+        poller = asyncio.create_task(StatsClient(url).poll(session, t0, samples, poll))
         tasks = {asyncio.create_task(run_program(session, url, p, t0, sem)): p
                  for p in programs}
         deadline = t0 + max((p.arrival for p in programs), default=0.0) + drain_timeout
