@@ -94,6 +94,11 @@ class LiveBench:
                    unit="prog", file=sys.stderr, leave=False, mininterval=2.0)
         out = srv.run(progs, self.spec, self.ns.drain, progress=bar)
         bar.close()
+        records = out.pop("records")
+        if self.ns.save_records:
+            path = Path(self.ns.result_dir) / (f"records-{srv.policy.replace(':', '')}-s{seed}-"
+                                               f"r{rate:.4g}.jsonl")
+            path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
         cap = self.result["capacity_programs_per_s"][seed]
         run = {"policy": srv.policy, "seed": seed, "rate": rate, "load": rate / cap,
                "tpot_slo": self.slo[1], "ttft_slo": self.slo[0], **out}
@@ -226,6 +231,8 @@ def main(argv: list[str]) -> int:
                       f"--sweep auto: the first rate tried, default "
                       f"{options.DEFAULT_RATE.replace('%', '%%')})")
     p.set_defaults(length_scale=LIVE_LENGTH_SCALE)
+    p.add_argument("--save-records", action="store_true",
+                   help="write every run's program records (JSONL) to the result dir")
     p.add_argument("--calibration-samples", type=int, default=10,
                    help="lone requests timed on each fresh server (at least 10)")
     p.add_argument("serve_args", nargs=argparse.REMAINDER,

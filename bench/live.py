@@ -161,7 +161,7 @@ class LiveServer:
                                               drain_timeout=drain))
         stats.wait_idle()
         server = delta(before, stats.get())
-        return {"summary": summarize(records, spec), "server": server,
+        return {"records": records, "summary": summarize(records, spec), "server": server,
                 "tpots_ms": [round(1e3 * t, 4) for p in records for r in p.requests
                              if r.role == "serial" and (t := request_tpot(r.token_times))
                              is not None],

@@ -169,9 +169,13 @@ def summarize(records: list[ProgramRecord], spec: SLOSpec) -> dict:
     prog_met = [m for p, m in zip(records, met) if p.kind != "chat"]
     widths = [s.width for _, s in stages]
     reasons: dict[str, int] = {}
+    missed = []
     for p, cut in zip(records, late):
-        for f in failures(p, spec) + (["timeout"] if cut else []):
+        why = failures(p, spec) + (["timeout"] if cut else [])
+        for f in why:
             reasons[f] = reasons.get(f, 0) + 1
+        if why and len(missed) < 50:
+            missed.append({"pid": p.pid, "kind": p.kind, "why": why})
     return {
         "programs": len(records),
         "errors": sum(1 for p in records if p.error),
@@ -191,6 +195,7 @@ def summarize(records: list[ProgramRecord], spec: SLOSpec) -> dict:
         "parallel_stage_vs_deadline": _pcts(stage_ratio),
         "branch_width": _pcts([float(w) for w in widths]),
         "failures": reasons,
+        "missed": missed,  # the first 50 programs that missed, and why
         "error_samples": sorted({p.error for p in records if p.error})[:5],
         "by_kind": {k: {"n": v["n"], "attainment": v["met"] / v["n"],
                         "completion_s": _pcts(v["e2e"])} for k, v in sorted(by_kind.items())},

@@ -87,6 +87,10 @@ def markdown(result: dict) -> str:
     out = []
     slo = result.get("slo", {})
     cal = result.get("calibration", {})
+    cost = result.get("cost_model") or {}
+    if cost:
+        out.append(f"Cost model: {cost.get('name')}"
+                   + (f" ({cost['label']})" if cost.get("label") else "") + "\n")
     if slo:
         mode = (f"stage deadline, stretch {slo['branch_stretch']:g}" if slo["mode"] == "stage"
                 else f"program deadline, {slo['program_multiple']:g}x its critical path")
@@ -99,8 +103,16 @@ def markdown(result: dict) -> str:
     if tables:
         out.append("### Goodput: each policy's highest rate at >= 95% SLO attainment\n")
         out.append(tables)
+    if result.get("sim"):
+        sim = result["sim"]
+        out.append("### Simulated on this machine's live-fitted step-time model\n")
+        out.append(f"Each policy's highest rate at >= 95% SLO attainment in the simulator "
+                   f"({sim['cost_model'].get('name', '')}); the live runs below are at "
+                   f"{result['headline_rate']['rate']:.3g} programs/s "
+                   f"({result['headline_rate']['source']}).\n")
+        out.append(goodput_tables(sim))
     if result.get("at_rate_ratios"):
-        out.append("Per-rate goodput ratios: " + ", ".join(
+        out.append("Live, per-rate goodput ratios at that one rate: " + ", ".join(
             f"{k}: {_fmt(v)}x" for k, v in result["at_rate_ratios"].items()) + "\n")
     out.append("### Every run\n")
     out.append(per_rate_table(result))

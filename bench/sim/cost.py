@@ -12,8 +12,9 @@ Models:
   against the live engine) — the CPU engine's model;
 - `analytic:<model>@<gpu>`: bytes over bandwidth and FLOPs over peak for Qwen3
   models on H100/H200, every constant below with its public source;
-- `measured:<path>`: a table of measured decode steps (batch x context) for a
-  GPU, interpolated (see bench/sim/profiles/).
+- `measured:<path>`: a table of timed decode steps (batch x context) for a
+  GPU, interpolated (see bench/sim/profiles/; the H200 table is extrapolated
+  from 4 layers, as its `label` says).
 """
 
 from __future__ import annotations
@@ -158,8 +159,10 @@ class AnalyticCost(CostModel):
 
 
 class MeasuredCost(CostModel):
-    """Decode steps measured on a GPU over (batch, context length), bilinear in
-    batch and context, with prefill from the analytic model of the same GPU."""
+    """A table of decode steps timed on a GPU over (batch, context length),
+    bilinear in batch and context, with prefill from the analytic model of the
+    same GPU. A table's `label` says how it was measured (the H200 one in
+    profiles/ is extrapolated from 4 of the model's 64 layers)."""
 
     def __init__(self, path: str | Path) -> None:
         data = json.loads(Path(path).read_text())
