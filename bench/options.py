@@ -12,7 +12,7 @@ from bench.metrics import SLO_MODES, SLOSpec
 from bench.workload import DEFAULT_PRESET, PRESETS, WorkloadConfig
 
 DEFAULT_RATE = "50%"  # of the engine's measured capacity for the workload
-DEFAULT_GOODPUT = ("ttft:10x", "tpot:1.5x")
+DEFAULT_GOODPUT = ("ttft:10x", "tpot:1.5x")  # taper sim (the H200 model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +64,18 @@ def _goodput_item(item: str) -> tuple[str, tuple[float, bool]]:
     return m.group(1), (value if rel else value / 1e3, rel)
 
 
-def parse_goodput(items: list[str] | tuple[str, ...]) -> dict[str, tuple[float, bool]]:
+def parse_goodput(items: list[str] | tuple[str, ...],
+                  defaults: tuple[str, ...] = DEFAULT_GOODPUT) -> dict[str, tuple[float, bool]]:
     """{'ttft': (value, relative), 'tpot': ...}: seconds, or a multiple of the
     isolated value when relative (written Nx); a key not given keeps its default."""
-    out = dict(_goodput_item(i) for i in DEFAULT_GOODPUT)
+    out = dict(_goodput_item(i) for i in defaults)
     out.update(_goodput_item(i) for i in items)
     return out
+
+
+def goodput(ns) -> dict[str, tuple[float, bool]]:
+    """The command's SLOs: --goodput over the command's own defaults."""
+    return parse_goodput(ns.goodput, getattr(ns, "goodput_defaults", DEFAULT_GOODPUT))
 
 
 def slo_seconds(goodput: dict, isolated: dict) -> tuple[float, float]:
@@ -106,7 +112,8 @@ _OVERRIDES = {"num_prompts": "num_programs", "burstiness": "burstiness",
 
 def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
                       default_result_dir: str, default_length_scale: float | None = None,
-                      default_rate: str | None = DEFAULT_RATE) -> None:
+                      default_rate: str | None = DEFAULT_RATE,
+                      default_goodput: tuple[str, ...] = DEFAULT_GOODPUT) -> None:
     p.add_argument("--workload", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"workload preset (default {DEFAULT_PRESET}); the flags below "
                    "override single fields of it")
@@ -131,9 +138,10 @@ def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
     p.add_argument("--serial-tokens", type=_range(int),
                    help="output tokens per serial stage LO,HI")
     p.add_argument("--prompt-tokens", type=_range(int), help="prompt (context) tokens LO,HI")
-    p.add_argument("--goodput", nargs="+", default=list(DEFAULT_GOODPUT), metavar="KEY:VALUE",
+    p.add_argument("--goodput", nargs="+", default=list(default_goodput), metavar="KEY:VALUE",
                    help="SLOs: ttft:MS tpot:MS, or KEY:Nx for N times the isolated value "
-                   f"measured at the start of the run (default {' '.join(DEFAULT_GOODPUT)})")
+                   f"measured at the start of the run (default {' '.join(default_goodput)})")
+    p.set_defaults(goodput_defaults=tuple(default_goodput))
     p.add_argument("--slo-mode", choices=SLO_MODES, default="stage",
                    help="stage: each parallel stage has a deadline (--branch-stretch); "
                    "program: each program has one (--program-multiple); see bench/README.md")
@@ -188,7 +196,7 @@ def validate(ns, live: bool) -> None:
     """Raise ValueError (one line) for bad input, before anything starts."""
     from controller.policies import parse_policy
 
-    parse_goodput(ns.goodput)
+    goodput(ns)
     if ns.request_rate is not None:
         parse_rate(ns.request_rate)
     parse_sweep(ns.sweep)

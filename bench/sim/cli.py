@@ -40,7 +40,7 @@ def _setup(ns, seed: int) -> dict:
     cost = costs.load(ns.cost_model)
     progs = _programs(ns, seed)
     cal = getattr(ns, "calibration", None) or from_cost(cost, mean_context(progs))
-    ttft, tpot = options.slo_seconds(options.parse_goodput(ns.goodput), cal)
+    ttft, tpot = options.slo_seconds(options.goodput(ns), cal)
     return {"cost": cost, "programs": with_slo(progs, ttft, tpot), "calibration": cal,
             "capacity": capacity(cal, progs), "ttft": ttft, "tpot": tpot,
             "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed)}

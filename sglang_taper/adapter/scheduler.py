@@ -103,6 +103,7 @@ class SchedulerRuntime:
         self.held = None  # the held-out part of the running batch, or None
         self.inflight: dict[int, tuple] = {}  # forward_iter -> (decision, view | None)
         self._codes: dict[str, int] = {}  # group name -> code, in order of creation
+        self._names: dict[int, str] = {}  # code -> group name
         self._branches: dict[str, int] = {}  # group name -> members numbered so far
         self._next_code = 0
         self._last_log = time.monotonic()
@@ -144,6 +145,7 @@ class SchedulerRuntime:
                 if len(self._codes) > 65536:
                     self._prune_groups()
                 self._codes[meta.group] = self._next_code
+                self._names[self._next_code] = meta.group
                 self._next_code += 1
             code = self._codes[meta.group]
             n = self._branches.get(meta.group, 0)
@@ -158,6 +160,7 @@ class SchedulerRuntime:
 
     def _prune_groups(self) -> None:
         self._codes.clear()
+        self._names.clear()
         self._branches.clear()
 
     # ----------------------------------------------------------- decode step
@@ -184,7 +187,7 @@ class SchedulerRuntime:
             decision = self.controller.decide(view)
             keep = decision.keep
         if len(keep) < len(reqs):
-            held = np.setdiff1d(np.arange(len(reqs)), keep, assume_unique=True)
+            held = decision.held if decision is not None else _complement(keep, len(reqs))
             self.held = _split(batch, keep, held)
         self._pending = (batch, decision, view, keep)
 
@@ -312,7 +315,7 @@ class SchedulerRuntime:
     def _follower_decision(self, view: StepView, keep: np.ndarray):
         d = self.controller.passthrough(len(keep), int(view.kv_len[keep].sum()))
         d.keep = keep
-        d.held = np.setdiff1d(np.arange(len(view)), keep, assume_unique=True)
+        d.held = _complement(keep, len(view))
         d.ids = view.ids
         return d
 
@@ -341,23 +344,25 @@ class SchedulerRuntime:
             if self._metrics is not None:
                 self._metrics.steps.inc()
             return
-        g = view.group[keep]
-        branch_codes = g[g >= 0]
-        codes, counts = np.unique(branch_codes, return_counts=True)
-        names = {}
-        for r in batch.reqs:
-            m = getattr(r, "_taper", None)
-            if m is not None and m.group is not None:
-                names[m.row[CODE]] = m.group
-        widths = {names.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts)}
+        # One sort of the view's group codes gives both the groups present and how
+        # many of each decoded (the kept ones).
+        grouped = view.group >= 0
+        codes, inverse = np.unique(view.group[grouped], return_inverse=True)
+        kept = np.zeros(len(view), dtype=bool)
+        kept[keep] = True
+        counts = np.bincount(inverse[kept[grouped]], minlength=len(codes))
+        present = counts > 0
+        names = self._names
+        widths = {names.get(int(c), str(int(c))): int(n)
+                  for c, n in zip(codes[present], counts[present])}
         rec = StepRecord(
             end=now, seqs=len(view), kept=len(keep), kv=int(view.kv_len[keep].sum()),
-            held=len(view) - len(keep),
-            groups=len(np.unique(view.group[view.group >= 0])),
-            branches=len(branch_codes), max_width=int(counts.max()) if len(counts) else 0,
+            held=len(view) - len(keep), groups=len(codes), branches=int(counts.sum()),
+            max_width=int(counts.max()) if len(counts) else 0,
             budget=decision.budget, predicted=decision.predicted, measured=step_time,
         )
-        self.stats.record(rec, widths, [view.ids[i] for i in keep])
+        # The decision digest tells TP ranks' decisions apart; one rank needs none.
+        self.stats.record(rec, widths, [view.ids[i] for i in keep] if self.tp_size > 1 else None)
         if self._metrics is not None:
             self._metrics.observe(rec, widths)
         if now - self._last_log > _LOG_EVERY_S and self.stats.regulated_steps:
@@ -437,6 +442,13 @@ def _unsafe_to_split(batch) -> bool:
         or batch.spec_info is not None
         or batch.hisparse_coordinator is not None
     )
+
+
+def _complement(keep: np.ndarray, n: int) -> np.ndarray:
+    """The indices in range(n) not in `keep`, ascending."""
+    mask = np.ones(n, dtype=bool)
+    mask[keep] = False
+    return mask.nonzero()[0]
 
 
 def _split(batch, keep: np.ndarray, held: np.ndarray):
