@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import options, report
 from bench.calibration import capacity, mean_context
-from bench.sweep import SweepSpec, aggregate, sweep_one
+from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
 from bench.workload import at_rate, generate, load_jsonl, save_jsonl, with_slo
 
 SWEEP_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper"
@@ -123,7 +123,9 @@ class LiveBench:
     def sweep(self, policies: list[str]) -> None:
         """Each policy's max rate, live, on its own fresh server, per seed."""
         sweep = options.parse_sweep(self.ns.sweep)
-        for policy in policies:
+        widest = max(st.width for ps in self.programs.values() for p in ps for st in p.stages)
+        same_as = same_as_eager(policies, widest)
+        for policy in (p for p in policies if p not in same_as):
             with self.server(policy) as srv:
                 self.calibrated(srv)
                 for seed in self.seeds:
@@ -134,7 +136,7 @@ class LiveBench:
                             else SweepSpec(grid=tuple(r.resolve(cap) for r in sweep)))
                     self.result["runs"] += sweep_one(
                         lambda rate, srv=srv, seed=seed: self.probe(srv, seed, rate), spec)
-        self.result["sweep"] = aggregate(self.result["runs"])
+        self.result["sweep"] = aggregate(self.result["runs"], same_as=same_as)
 
     def headline(self, policies: list[str] | None) -> None:
         """Calibrate, simulate the max rates on the live-fitted model, then run the
@@ -152,8 +154,9 @@ class LiveBench:
         rates = sim["sweep"]["max_rate"]
         seed = self.seeds[0]
         best_cap = sim["sweep"].get("best_cap", {}).get(seed, "cap:4")
-        if policies is None:
-            policies = ["off", "eager", best_cap, "taper"]
+        if policies is None:  # a best cap that never holds (wider than any group) is eager
+            policies = ["off", "eager"] + (
+                [] if best_cap in sim["sweep"]["same_as"] else [best_cap]) + ["taper"]
         cap = self.result["capacity_programs_per_s"][seed]
         simulated = rates.get("taper", {}).get("per_seed", {}).get(seed)
         if self.ns.request_rate is not None:

@@ -58,6 +58,9 @@ def goodput_tables(result: dict) -> str:
                  if x is not None and math.isfinite(x) and cap.get(s)]
         load = _fmt(sum(loads) / len(loads), digits=0) + "%" if loads else "-"
         lines.append(f"| {p} | {per} | {_fmt(v['mean'], digits=3)} | {load} |")
+    if sw.get("same_as"):
+        lines.append("\nNot run, as they behave exactly as eager here (no group is wider): "
+                     + ", ".join(sw["same_as"]) + ".")
     if sw.get("best_cap"):
         lines.append("\nBest cap per seed: " + ", ".join(f"seed {s}: {p}"
                                                           for s, p in sw["best_cap"].items()))

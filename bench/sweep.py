@@ -129,22 +129,37 @@ def _is_cap(policy: str) -> bool:
     return policy.startswith("cap:")
 
 
+def same_as_eager(policies: list[str], widest: int) -> dict[str, str]:
+    """The caps that can never hold a branch because no group is wider than K:
+    they behave exactly as eager, so a sweep runs eager once and reports them
+    as eager's figures."""
+    return {p: "eager" for p in policies
+            if _is_cap(p) and int(p.split(":")[1]) >= widest and "eager" in policies}
+
+
 DEPLOYABLE_EXCLUDE = ("clairvoyant",)
 
 
 def aggregate(runs: list[dict], target: float = TARGET,
-              upper_bound: dict[int, float] | None = None) -> dict:
+              upper_bound: dict[int, float] | None = None,
+              same_as: dict[str, str] | None = None) -> dict:
     """Max rates per policy and seed, taper's ratios over the others with their
     spread over seeds, best cap and best in hindsight. `upper_bound`: the
-    relaxation's max rate per seed, if known."""
+    relaxation's max rate per seed, if known. `same_as`: policies not run
+    because they behave exactly as another (see same_as_eager)."""
     by: dict[tuple[str, int], list[dict]] = {}
     for r in runs:
         by.setdefault((r["policy"], r["seed"]), []).append(r)
-    policies = list(dict.fromkeys(r["policy"] for r in runs))
+    for alias, policy in (same_as or {}).items():
+        for (p, seed), rs in list(by.items()):
+            if p == policy:
+                by[(alias, seed)] = rs
+    policies = list(dict.fromkeys([r["policy"] for r in runs] + list(same_as or {})))
     seeds = sorted({r["seed"] for r in runs})
     rates = {p: {s: max_rate(by[(p, s)], target) for s in seeds if (p, s) in by}
              for p in policies}
-    out: dict = {"target": target, "seeds": seeds, "max_rate": {}, "ratios": {}}
+    out: dict = {"target": target, "seeds": seeds, "max_rate": {}, "ratios": {},
+                 "same_as": dict(same_as or {})}
     for p in policies:
         per = {s: v["rate"] for s, v in rates[p].items()}
         out["max_rate"][p] = {"per_seed": per, **_spread([v for v in per.values()])}

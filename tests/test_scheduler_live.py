@@ -151,14 +151,6 @@ def test_a_request_computes_the_same_alone_and_in_a_crowd(server_pool):
     assert among == alone
 
 
-@pytest.mark.parametrize("custom, needle", [
-    ({"taper_group": 5}, "taper_group"),
-    ({"taper_group": "g", "taper_width": 0}, "taper_width"),
-    ({"taper_group": "g", "taper_width": 2, "taper_branch": 2}, "taper_branch"),
-    ({"taper_tpot": -1.0}, "taper_tpot"),
-    ({"taper_bogus": 1}, "unknown TAPER key"),
-    ({"taper_branch": 1}, "need taper_group"),
-])
 def _critical_beside_long_prompts(url: str, tpot_slo: float) -> tuple[dict, list[dict]]:
     """A critical request with a feasible TPOT SLO, and long uncached prompts sent
     one after another while it decodes."""
@@ -206,6 +198,14 @@ def test_taper_defers_a_long_prefill_a_critical_request_cannot_absorb(server_poo
     assert out["taper"][:2] == out["eager"][:2]
 
 
+@pytest.mark.parametrize("custom, needle", [
+    ({"taper_group": 5}, "taper_group"),
+    ({"taper_group": "g", "taper_width": 0}, "taper_width"),
+    ({"taper_group": "g", "taper_width": 2, "taper_branch": 2}, "taper_branch"),
+    ({"taper_tpot": -1.0}, "taper_tpot"),
+    ({"taper_bogus": 1}, "unknown TAPER key"),
+    ({"taper_branch": 1}, "need taper_group"),
+])
 def test_bad_metadata_is_a_client_error_and_the_server_keeps_serving(server_pool, custom,
                                                                       needle):
     srv = server(server_pool, "taper")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench.sweep import SweepSpec, aggregate, max_rate, sweep_one
+from bench.sweep import SweepSpec, aggregate, max_rate, same_as_eager, sweep_one
 
 
 def curve(threshold: float):
@@ -92,3 +92,14 @@ def test_a_ratio_whose_spread_straddles_one_does_not_count():
     runs += _runs("eager", 0, 0.8) + _runs("eager", 1, 1.3)
     ratio = aggregate(runs)["ratios"]["taper/eager"]
     assert ratio["min"] < 1 < ratio["max"] and not ratio["counts"]
+
+
+def test_a_cap_no_group_can_reach_is_eager():
+    assert same_as_eager(["eager", "cap:4", "cap:16", "taper"], widest=16) == {"cap:16": "eager"}
+    assert same_as_eager(["cap:16", "taper"], widest=16) == {}  # no eager to stand in
+    runs = _runs("eager", 0, 1.5) + _runs("cap:4", 0, 1.0) + _runs("taper", 0, 2.0)
+    agg = aggregate(runs, same_as={"cap:16": "eager"})
+    assert agg["max_rate"]["cap:16"] == agg["max_rate"]["eager"]
+    assert agg["best_cap"] == {0: "cap:16"}
+    assert agg["ratios"]["taper/best cap"]["per_seed"][0] == pytest.approx(
+        agg["ratios"]["taper/eager"]["per_seed"][0])

@@ -17,7 +17,7 @@ from pathlib import Path
 from bench import options, report
 from bench.calibration import capacity, from_cost, mean_context
 from bench.metrics import allowance, request_tpot, summarize
-from bench.sweep import SweepSpec, aggregate, sweep_one
+from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
 from bench.workload import at_rate, generate, load_jsonl, save_jsonl, with_slo
 
 DEFAULT_SIM_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper,clairvoyant"
@@ -112,7 +112,9 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
     if ns.save_trace:
         save_jsonl(first["programs"], ns.save_trace)
     specs = {s: sweep_spec(ns, firsts[s]["capacity"]) for s in seeds}
-    tasks = [(ns, s, p, specs[s]) for s in seeds for p in policies]
+    widest = max(st.width for f in firsts.values() for p in f["programs"] for st in p.stages)
+    same_as = same_as_eager(policies, widest)
+    tasks = [(ns, s, p, specs[s]) for s in seeds for p in policies if p not in same_as]
     workers = max(1, min(ns.workers or os.cpu_count() or 1, len(tasks)))
     runs: list[dict] = []
     if workers == 1:
@@ -137,7 +139,7 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
                 "program_multiple": spec_slo.program_multiple, "drain_s": spec_slo.drain},
         "versions": report.versions(),
         "runs": runs,
-        "sweep": aggregate(runs, upper_bound=bound),
+        "sweep": aggregate(runs, upper_bound=bound, same_as=same_as),
     }
 
 
