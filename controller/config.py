@@ -47,6 +47,8 @@ class TaperConfig:
                              "warm-start the predictor from")
     cascade: bool = _f(False, "the engine reads a group's shared prefix once per step "
                        "(cascade attention)")
+    prefill_gate: bool = _f(True, "taper only: defer a prefill that would cost a running "
+                            "critical request an SLO it can still meet (controller/prefill.py)")
     spec: PolicySpec = field(init=False, repr=False, compare=False)  # `policy`, parsed
 
     def __post_init__(self) -> None:
@@ -68,6 +70,31 @@ class TaperConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def updated(self, pairs: list[str]) -> TaperConfig:
+        """A copy with FIELD=VALUE overrides, typed by field (bools: true/false,
+        on/off, 1/0). Raises ValueError naming a bad field or value."""
+        kinds = {f.name: str(f.type) for f in fields(self) if f.init}
+        values = self.to_dict()
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            if not sep or name not in kinds:
+                raise ValueError(f"expected FIELD=VALUE with a TaperConfig field, got {pair!r}")
+            kind = kinds[name]
+            try:
+                if kind == "bool":
+                    if text.lower() not in ("true", "false", "on", "off", "1", "0"):
+                        raise ValueError
+                    values[name] = text.lower() in ("true", "on", "1")
+                elif kind == "int":
+                    values[name] = int(text)
+                elif kind == "float":
+                    values[name] = float(text)
+                else:
+                    values[name] = None if text.lower() == "none" else text
+            except ValueError:
+                raise ValueError(f"TaperConfig.{name} needs a {kind}, got {text!r}") from None
+        return type(self)(**values)
 
     @classmethod
     def from_json(cls, text: str) -> TaperConfig:

@@ -50,7 +50,7 @@ class Controller:
         self.predictor = StepTimePredictor(model, **fit)
         # Prefill steps, fitted on their own (intercept and prefill tokens excited).
         self.prefill_predictor = StepTimePredictor(model, **fit)
-        self._prefill_gate = entry.prefill_gate
+        self._prefill_gate = entry.prefill_gate and self.config.prefill_gate
         self._deferring = False  # a prefill is being deferred: decode the mandatory only
         self._held_since: dict[str, int] = {}  # id -> observed step its run of holds began
         self._observed = 0  # steps observed (numbers the steps for _held_since)

@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
             continue
         default = f.default if f.default is not MISSING else None
         if f.type in ("bool", bool):
-            p.add_argument(_flag(f.name), dest=f.name, action="store_true",
-                           help=f.metadata.get("help"))
+            state = "on" if f.default else "off"
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=f"{f.metadata.get('help')} (default: {state})")
         else:
             kind = {"float": float, "int": int}.get(str(f.type), str)
             p.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,

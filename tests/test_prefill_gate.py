@@ -114,3 +114,12 @@ def test_cushion_formula():
     unknown = view(first_token=9.0, generated=40, max_new=0)
     assert len(cushions(unknown, 0.1, 0.005)) == 0
     assert not math.isnan(c[0])
+
+
+def test_the_gate_can_be_turned_off():
+    ctl = Controller(TaperConfig(policy="taper").updated(["prefill_gate=off"]))
+    v = view(first_token=10.0 - 76 * 0.018, generated=77)
+    ctl.decide(v)
+    assert not ctl.gates_prefill and ctl.admit_prefill(v, no_waiting())
+    with pytest.raises(ValueError, match="prefill_gate needs a bool"):
+        TaperConfig().updated(["prefill_gate=maybe"])

@@ -60,7 +60,7 @@ def _probe(ns, seed: int, policy: str, rate: float) -> dict:
     st = _CACHE[key]
     spec = options.slo_spec(ns)
     t0 = time.monotonic()
-    base = TaperConfig(branch_stretch=spec.stretch)
+    base = TaperConfig(branch_stretch=spec.stretch).updated(ns.controller)
     out = simulate(at_rate(st["programs"], 1.0, rate), st["cost"], policy, base, st["sim"])
     summary = summarize(out["records"], spec)
     return {"policy": policy, "seed": seed, "rate": rate, "load": rate / st["capacity"],
@@ -151,6 +151,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    f"analytic:MODEL@GPU (qwen3-8b|qwen3-32b @ h100|h200); default {DEFAULT_COST}")
     p.add_argument("--kv-capacity", type=int, default=None,
                    help="KV tokens (default: 65536 for linear models, else 400000)")
+    p.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="TaperConfig settings of the simulated controller (as taper serve's "
+                   "--taper-* flags), e.g. prefill_gate=off margin=0.2")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per CPU)")
     p.add_argument("--quiet", action="store_true", help="no line per probe")
@@ -162,6 +165,9 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     try:
         options.validate(ns, live=False)
+        from controller import TaperConfig
+
+        TaperConfig().updated(ns.controller)
         from bench.sim import cost as costs
 
         costs.check(costs.load(ns.cost_model))

@@ -378,7 +378,10 @@ class SchedulerRuntime:
             "evictable": int(sched.tree_cache.evictable_size()),
             "protected": int(sched.tree_cache.protected_size()),
             "running_reqs": len(sched.running_batch.reqs),
+            # held now: 0 whenever the endpoint answers (the held part rejoined the
+            # running batch at the start of the pass that serves it)
             "held_reqs": 0 if self.held is None else len(self.held.reqs),
+            "last_step_held": self.stats.history[-1].held if self.stats.history else 0,
         }
 
     def status(self) -> dict:
