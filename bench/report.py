@@ -109,10 +109,12 @@ def markdown(result: dict) -> str:
     if result.get("sim"):
         sim = result["sim"]
         out.append("### Simulated on this machine's live-fitted step-time model\n")
+        head = result["headline_rate"]
         out.append(f"Each policy's highest rate at >= 95% SLO attainment in the simulator "
-                   f"({sim['cost_model'].get('name', '')}); the live runs below are at "
-                   f"{result['headline_rate']['rate']:.3g} programs/s "
-                   f"({result['headline_rate']['source']}).\n")
+                   f"({sim['cost_model'].get('name', '')}: a linear fit of this machine's "
+                   f"calibration; the simulator is optimistic for the live CPU engine, see "
+                   f"bench/results). The live runs below are at {head['rate']:.3g} programs/s, "
+                   f"{100 * head['load']:.0f}% of capacity ({head['source']}).\n")
         out.append(goodput_tables(sim))
     if result.get("at_rate_ratios"):
         out.append("Live, per-rate goodput ratios at that one rate: " + ", ".join(
