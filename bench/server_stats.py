@@ -102,6 +102,9 @@ def delta(before: dict, after: dict) -> dict:
                          if out["regulated_steps"] else None)
     out["prediction"] = after.get("prediction")
     out["predictor"] = after.get("predictor")
+    p0, p1 = before.get("predictor") or {}, after.get("predictor") or {}
+    if "prefill_seconds" in p1:
+        out["prefill_seconds"] = p1["prefill_seconds"] - p0.get("prefill_seconds", 0.0)
     ov0, ov1 = before.get("overhead", {}), after.get("overhead", {})
     if ov1:
         hook = ov1.get("hook_seconds", 0.0) - ov0.get("hook_seconds", 0.0)

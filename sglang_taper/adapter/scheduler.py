@@ -113,6 +113,7 @@ class SchedulerRuntime:
         self.hook_seconds = 0.0  # seconds spent in regulate/on_run/on_result
         self.hook_split: dict[str, float] = {}  # the same, per method
         self.decode_seconds = 0.0  # seconds of measured decode steps
+        self.prefill_seconds = 0.0  # seconds of measured prefill (extend) steps
         args = scheduler.server_args
         self.tp_size = scheduler.tp_size
         self.scheduler = scheduler
@@ -329,6 +330,7 @@ class SchedulerRuntime:
                 if m is not None:
                     _stamp_first_token(r, m, now)
             if batch.launch_ts is not None and batch.extend_num_tokens:
+                self.prefill_seconds += now - batch.launch_ts
                 self.controller.observe_prefill(int(batch.extend_num_tokens),
                                                 now - batch.launch_ts)
             return
@@ -400,7 +402,11 @@ class SchedulerRuntime:
             "predictor": {"weights": self.controller.predictor.w.tolist(),
                           "observed": self.controller.predictor.observed,
                           "upper_margin_s": self.controller.predictor.upper_margin,
-                          "gap_s": self.controller.gap},
+                          "gap_s": self.controller.gap,
+                          # prefill steps: intercept and seconds per 1024 prompt tokens
+                          "prefill_weights": self.controller.prefill_predictor.w[[0, 3]].tolist(),
+                          "prefill_observed": self.controller.prefill_predictor.observed,
+                          "prefill_seconds": self.prefill_seconds},
             **self.stats.to_dict(),
         }
 
