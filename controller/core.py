@@ -21,11 +21,14 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class Controller:
-    """Per-step branch admission.
+    """Per-step branch admission, and (taper) the prefill gate.
 
-    decide() is a pure function of the controller's state and the view; state
-    changes only in observe(): the predictor's fit, the estimate of the engine's
-    time between steps, and how many steps in a row each held branch has waited.
+    decide() is a pure function of the controller's state and the view. State
+    changes in observe() (the predictor's fit, the estimate of the engine's time
+    between steps, how many steps in a row each held branch has waited), in
+    observe_prefill() (the prefill fit) and in admit_prefill() (whether a
+    prefill is being deferred, which keeps decide() to the mandatory batch until
+    the waiting queue empties or the prefill is admitted).
     """
 
     def __init__(self, config: TaperConfig | None = None, model: StepTimeModel | None = None,
