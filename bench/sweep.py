@@ -35,11 +35,12 @@ class SweepSpec:
     tolerance: float = 0.05  # auto: stop when highest pass and lowest fail are this close
     factor: float = 1.6  # auto: bracketing step (x or / per probe)
     max_probes: int = 12  # auto: at most this many probes per (policy, seed)
-    floor: float = 1 / 64  # auto: give up below start * floor (the policy never attains)
-    # auto, going down: give up when, far below target (by `far`), a lower rate gains
-    # less attainment than `flat`: the misses do not come from load (e.g. off under
-    # stage deadlines that serial branches cannot meet)
-    flat: float = 0.01
+    floor: float = 1 / 16  # auto: give up below start * floor (the policy never attains)
+    # auto, going down: give up when, far below target (by `far`), a 1/factor lower
+    # rate gains less attainment than `flat`: the misses hardly come from load (e.g.
+    # off under stage deadlines that serial branches cannot meet), and each lower
+    # probe takes factor times as long
+    flat: float = 0.05
     far: float = 0.1
     target: float = TARGET
 
