@@ -182,7 +182,7 @@ class LiveBench:
             **vars(self.ns), "cost_model": f"linear:{fit_path}", "sweep": "auto",
             "request_rate": self.ns.request_rate or options.DEFAULT_RATE,
             "policies": DEFAULT_SIM_POLICIES, "kv_capacity": 65536, "workers": None,
-            "quiet": True, "save_trace": None, "seeds": self.seeds})
+            "quiet": True, "save_trace": None, "seeds": self.seeds, "controller": []})
         # The live figures, not the fit's, set the simulated run's SLOs and capacity.
         return run_sim(sim_ns, calibration={k: v for k, v in self.calibration.items()
                                             if k in ("ttft_s", "tpot_s", "tokens_per_s",

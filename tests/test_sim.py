@@ -74,3 +74,27 @@ def test_cost_models_load_and_increase():
     with pytest.raises(ValueError, match="unknown cost model"):
         costs.load("bogus:thing")
     assert len(warm_start(costs.load("analytic:qwen3-32b@h200")).weights) == 5
+
+
+def test_the_throughput_bound_is_above_what_a_policy_sustains():
+    from bench.metrics import SLOSpec as Spec
+    from bench.metrics import allowance
+    from bench.sim.bound import max_rate_bound
+    from bench.sim.engine import SimConfig
+    from bench.sweep import SweepSpec, max_rate, sweep_one
+
+    cost = costs.load(f"measured:{PROFILE}")
+    # Enough programs that the work outweighs the longest allowance (else the
+    # bound is infinite: a short run cannot bound the rate).
+    progs = workload(500)
+    spec = Spec()
+
+    def probe(rate: float) -> dict:
+        recs = simulate([replace(p, arrival=p.arrival / rate) for p in progs], cost,
+                        "eager")["records"]
+        return {"rate": rate, "summary": summarize(recs, spec)}
+
+    best = max_rate(sweep_one(probe, SweepSpec(start=1.0)))["rate"]
+    longest = max(allowance(p, spec) for p in progs)
+    bound = max_rate_bound(progs, cost, SimConfig(kv_capacity=400_000), longest)
+    assert best is not None and 0 < best < bound < float("inf")
