@@ -231,9 +231,9 @@ def main(argv: list[str]) -> int:
                       f"simulator's sweep, taper (with --sweep: {SWEEP_POLICIES})")
         elif a.dest == "request_rate":
             a.help = ("programs/s (0.6) or a share of the engine's capacity (50%%); default: "
-                      "taper's max rate in the simulator on the live-fitted model (with "
-                      f"--sweep auto: the first rate tried, default "
-                      f"{options.DEFAULT_RATE.replace('%', '%%')})")
+                      f"{HEADLINE_LOAD.replace('%', '%%')} of capacity, where the live sweep "
+                      "found the policies apart (with --sweep auto: the first rate tried, "
+                      f"default {options.DEFAULT_RATE.replace('%', '%%')})")
     p.set_defaults(length_scale=LIVE_LENGTH_SCALE)
     p.add_argument("--save-records", action="store_true",
                    help="write every run's program records (JSONL) to the result dir")
