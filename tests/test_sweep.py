@@ -103,3 +103,24 @@ def test_a_cap_no_group_can_reach_is_eager():
     assert agg["best_cap"] == {0: "cap:16"}
     assert agg["ratios"]["taper/best cap"]["per_seed"][0] == pytest.approx(
         agg["ratios"]["taper/eager"]["per_seed"][0])
+
+
+def test_the_sensitivity_axes_grid_is_the_centre_and_each_axis_alone():
+    from bench.sim import sensitivity as sens
+
+    full, axes = sens.grid_cells("full"), sens.grid_cells("axes")
+    assert len(full) == 4 * 4 * 3 * 3 and set(axes) <= set(full)
+    assert sens.CENTRE in axes
+    # Each axis contributes all of its values, with the others at the centre.
+    for i, values in enumerate((sens.TPOT_SCALES, sens.STRETCHES, sens.WIDTHS, sens.CONTEXTS)):
+        assert {c[i] for c in axes if all(c[j] == sens.CENTRE[j] for j in range(4) if j != i)} \
+            == set(values)
+    assert len(axes) == 1 + sum(len(v) - 1 for v in (sens.TPOT_SCALES, sens.STRETCHES,
+                                                       sens.WIDTHS, sens.CONTEXTS))
+    results = [{"cell": c, "policy": p, "max_rate": r}
+               for c in axes for p, r in (("off", None), ("eager", 0.5), ("cap:2", 0.8),
+                                          ("taper", 1.0))]
+    rows = sens.summarize_cells(results)
+    assert all(r["taper/eager"] == 2.0 and r["taper/best cap"] == 1.25 for r in rows)
+    md = sens.markdown(rows, {"num_prompts": 10, "seed": 0, "cost_model": "x"})
+    assert md.count("| 2.00 | 1.25 |") == len(axes)

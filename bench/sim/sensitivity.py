@@ -1,12 +1,16 @@
 """Where TAPER pays: max-rate ratios over a grid of regimes, in the simulator.
 
-    .venv/bin/python -m bench.sim.sensitivity [--num-prompts 150] [--out DIR]
+    .venv/bin/python -m bench.sim.sensitivity [--grid axes|full] [--num-prompts 150] [--out DIR]
 
 Axes: TPOT SLO {1.25, 1.5, 2, 3} x isolated, branch stretch {1.5, 2, 4, 8},
 widths {2-4, 4-8, 16-32}, context {256, 2K, 8K} tokens (prompts drawn from
 0.75x to 1.25x of it), everything else the default preset's. In each cell every
 policy's highest rate at >= 95% attainment is found by bisection (bench/sweep.py)
-and taper's ratios over off, eager and the best cap are reported. A cap at or
+and taper's ratios over off, eager and the best cap are reported. `--grid full`
+runs all 144 cells (hours on 2 cores); `--grid axes` runs the centre cell (TPOT
+1.5x, stretch 2, widths 4-8, context 2K) and each axis varied alone (11 cells).
+Finished searches are kept in OUT/partial.jsonl, so a run resumes where it
+stopped and an axes run is the start of a full one. A cap at or
 above the widest group is eager, so only caps below it run. Cells run in
 parallel worker processes; one line per finished cell goes to stderr.
 """
@@ -29,6 +33,16 @@ STRETCHES = (1.5, 2.0, 4.0, 8.0)
 WIDTHS = ((2, 4), (4, 8), (16, 32))
 CONTEXTS = (256, 2048, 8192)
 CAPS = (2, 4, 8, 16)
+CENTRE = (1.5, 2.0, (4, 8), 2048)
+
+
+def grid_cells(grid: str) -> list[tuple]:
+    """The cells of `--grid full` (every combination) or `--grid axes` (the
+    centre and each axis varied alone)."""
+    full = list(itertools.product(TPOT_SCALES, STRETCHES, WIDTHS, CONTEXTS))
+    if grid == "full":
+        return full
+    return [c for c in full if sum(a != b for a, b in zip(c, CENTRE)) <= 1]
 
 
 def _cell_policies(width: tuple[int, int]) -> list[str]:
@@ -108,6 +122,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"({meta['num_prompts']} programs per probe, seed {meta['seed']}, cost model "
              f"{meta['cost_model']}). Each cell: `off | eager | best cap`; `inf`: the other "
              f"policy sustains no rate tried; `-`: neither does.\n"]
+    axes = [r for r in rows if sum(a != b for a, b in zip(
+        (r["tpot_x"], r["stretch"], tuple(r["width"]), r["context"]), CENTRE)) <= 1]
+    if axes:
+        lines.append("\n#### One axis at a time (centre: TPOT 1.5x, stretch 2, widths 4-8, "
+                     "context 2048)\n")
+        lines.append("| TPOT SLO | stretch | widths | context | taper/off | taper/eager | "
+                     "taper/best cap |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in axes:
+            lines.append(f"| {r['tpot_x']:g}x | {r['stretch']:g} | {r['width'][0]}-"
+                         f"{r['width'][1]} | {r['context']} | {_f(r['taper/off'])} | "
+                         f"{_f(r['taper/eager'])} | {_f(r['taper/best cap'])} |")
+    if len(rows) == len(axes):
+        return "\n".join(lines) + "\n"
     for context, width in itertools.product(CONTEXTS, WIDTHS):
         lines.append(f"\n#### context {context} tokens, widths {width[0]}-{width[1]}\n")
         lines.append("| TPOT SLO \\ stretch | " + " | ".join(f"{s:g}" for s in STRETCHES) + " |")
@@ -129,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost-model",
                    default="measured:bench/sim/profiles/h200_qwen3_32b_decode.json")
     p.add_argument("--workload", default="long-context")
+    p.add_argument("--grid", choices=("axes", "full"), default="full",
+                   help="full: all 144 cells; axes: the centre and each axis alone (11)")
     p.add_argument("--num-prompts", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttft-x", type=float, default=10.0, help="TTFT SLO, x isolated")
@@ -138,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="results/sensitivity")
     ns = p.parse_args(argv)
-    cells = list(itertools.product(TPOT_SCALES, STRETCHES, WIDTHS, CONTEXTS))
+    cells = grid_cells(ns.grid)
     tasks = [(c, pol, ns) for c in cells for pol in _cell_policies(c[2])]
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[sensitivity] {i}/{len(todo)} {r['cell']} {r['policy']}: max rate "
                   f"{_f(r['max_rate'])} ({r['wall_s']:.0f} s; {time.monotonic() - t0:.0f} s "
                   f"in all)", file=sys.stderr, flush=True)
-    rows = summarize_cells(list(done.values()))
+    wanted = set(cells)
+    rows = summarize_cells([r for key, r in done.items() if key[0] in wanted])
     meta = {k: v for k, v in vars(ns).items()}
     (out_dir / "result.json").write_text(json.dumps(
         {"meta": meta, "cells": [{k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
