@@ -36,13 +36,18 @@ CAPS = (2, 4, 8, 16)
 CENTRE = (1.5, 2.0, (4, 8), 2048)
 
 
+def _on_an_axis(cell: tuple) -> bool:
+    """The centre, or the centre with one axis moved."""
+    return sum(a != b for a, b in zip(cell, CENTRE)) <= 1
+
+
 def grid_cells(grid: str) -> list[tuple]:
     """The cells of `--grid full` (every combination) or `--grid axes` (the
     centre and each axis varied alone)."""
     full = list(itertools.product(TPOT_SCALES, STRETCHES, WIDTHS, CONTEXTS))
     if grid == "full":
         return full
-    return [c for c in full if sum(a != b for a, b in zip(c, CENTRE)) <= 1]
+    return [c for c in full if _on_an_axis(c)]
 
 
 def _cell_policies(width: tuple[int, int]) -> list[str]:
@@ -122,8 +127,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"({meta['num_prompts']} programs per probe, seed {meta['seed']}, cost model "
              f"{meta['cost_model']}). Each cell: `off | eager | best cap`; `inf`: the other "
              f"policy sustains no rate tried; `-`: neither does.\n"]
-    axes = [r for r in rows if sum(a != b for a, b in zip(
-        (r["tpot_x"], r["stretch"], tuple(r["width"]), r["context"]), CENTRE)) <= 1]
+    axes = [r for r in rows
+            if _on_an_axis((r["tpot_x"], r["stretch"], tuple(r["width"]), r["context"]))]
     if axes:
         lines.append("\n#### One axis at a time (centre: TPOT 1.5x, stretch 2, widths 4-8, "
                      "context 2048)\n")
