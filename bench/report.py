@@ -112,7 +112,8 @@ def markdown(result: dict) -> str:
         head = result["headline_rate"]
         out.append(f"Each policy's highest rate at >= 95% SLO attainment in the simulator "
                    f"({sim['cost_model'].get('name', '')}: a linear fit of this machine's "
-                   f"calibration; quote it as the simulator's, not as live). The live runs below are at {head['rate']:.3g} programs/s, "
+                   f"calibration; quote it as the simulator's, not as live). "
+                   f"The live runs below are at {head['rate']:.3g} programs/s, "
                    f"{100 * head['load']:.0f}% of capacity ({head['source']}).\n")
         out.append(goodput_tables(sim))
     if result.get("at_rate_ratios"):
