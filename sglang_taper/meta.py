@@ -46,10 +46,16 @@ class BranchMeta:
 def parse_meta(custom_params: Any) -> BranchMeta | None:
     """The TAPER metadata in `custom_params`, None if it carries none.
 
-    Raises ValueError with a message naming the bad key.
+    Raises ValueError with a message naming the bad key, or saying that
+    custom_params is not an object: SGLang declares it `Dict[str, ...]` (its
+    OpenAI endpoints answer 400 to anything else, and its own writers call
+    `dict()` on it), so a string or list on /generate gets the same answer.
     """
-    if not isinstance(custom_params, dict):
+    if custom_params is None:
         return None
+    if not isinstance(custom_params, dict):
+        raise ValueError("custom_params must be a JSON object (name -> value), got "
+                         f"{type(custom_params).__name__} {custom_params!r:.60}")
     keys = [k for k in custom_params if isinstance(k, str) and k.startswith(PREFIX)]
     if not keys:
         return None

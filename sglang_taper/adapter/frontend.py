@@ -29,7 +29,11 @@ _patched = False
 
 def _patch_fork() -> None:
     """Wrap StreamExecutor.fork once so forked executors remember their group.
-    Executors whose backend is not a TaperEndpoint are annotated too, harmlessly."""
+
+    fork(k > 1) starts a group of k branches (nested in the forking branch's
+    group, if any). fork(1), which is also what `ProgramState.copy()` does, starts
+    no group: the copy continues the work of the executor it copies, so it keeps
+    that executor's tag (a branch stays the same branch; serial work stays serial)."""
     global _patched
     with _patch_lock:
         if _patched:
@@ -38,11 +42,16 @@ def _patch_fork() -> None:
 
         def fork(self, size: int = 1, position_ids_offset=None):
             exes = original(self, size, position_ids_offset)
-            if isinstance(self.backend, TaperEndpoint) and len(exes) > 1:
-                parent = getattr(self, _ATTR, None)
-                group = f"f-{uuid.uuid4().hex}"
-                for i, exe in enumerate(exes):
-                    setattr(exe, _ATTR, (group, i, len(exes), parent[0] if parent else None))
+            if not isinstance(self.backend, TaperEndpoint):
+                return exes
+            tag = getattr(self, _ATTR, None)
+            if len(exes) == 1:
+                if tag is not None:
+                    setattr(exes[0], _ATTR, tag)
+                return exes
+            group = f"f-{uuid.uuid4().hex}"
+            for i, exe in enumerate(exes):
+                setattr(exe, _ATTR, (group, i, len(exes), tag[0] if tag else None))
             return exes
 
         fork.__wrapped__ = original

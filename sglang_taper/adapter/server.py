@@ -13,6 +13,10 @@ from sglang_taper.meta import parse_meta, with_meta
 logger = logging.getLogger("sglang_taper")
 
 _TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+# Every generation path (/generate, /v1/completions, /v1/chat/completions,
+# Engine.generate) builds a GenerateReqInput and normalizes it first thing in
+# TokenizerManager.generate_request, before anything reads its sub-requests.
+_NORMALIZE = "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments"
 
 
 def _after_verify(result, sampling_params, *args, **kwargs):
@@ -22,34 +26,47 @@ def _after_verify(result, sampling_params, *args, **kwargs):
 
 
 def _tag_parallel_sampling(obj) -> None:
-    """Give each prompt of an n>1 request its own branch group. The n samples
-    share one sampling-params dict per prompt (the tokenizer manager copies the
-    request, not the dict), so the scheduler sees n members of one group and
-    numbers them as they arrive."""
+    """Give each prompt of a normalized n>1 request its own branch group of width n.
+
+    Runs right after `normalize_batch_and_arguments`: `sampling_params` is then a
+    list of batch_size * n dicts, prompt-major in blocks (entry i + k * batch_size
+    is prompt i), often one shared dict. The tokenizer manager sends, per prompt
+    i, a warm-up (max_new_tokens 0, not a branch) and then n copies of the
+    request built from `obj[i]`; the copies share one SamplingParams, so the
+    scheduler numbers the members 0..n-1 as they arrive. Sub-requests already
+    built by `obj[i]` (SGLang caches them in `_sub_obj_cache`) are retagged too.
+    A prompt whose custom_params already name a taper_group keeps the client's
+    grouping; one whose custom_params are invalid (not an object, or bad TAPER
+    keys, which a group added here could make look valid) is left for `verify`
+    to reject."""
     n = getattr(obj, "parallel_sample_num", 1)
-    if n <= 1 or obj.sampling_params is None:
-        return
     params = obj.sampling_params
+    if n <= 1 or getattr(obj, "is_single", True) or not isinstance(params, list):
+        return
     count = obj.batch_size
-    items = list(params) if isinstance(params, list) else [params] * count
     for i in range(count):
-        sp = items[i]
+        sp = params[i]
         custom = sp.get("custom_params")
-        if custom is not None and not isinstance(custom, dict):
-            continue  # a scalar or list: nowhere to put the tag
-        if isinstance(custom, dict) and "taper_group" in custom:
-            continue  # the client grouped it already
-        items[i] = {**sp, "custom_params": with_meta(custom, group=f"n-{uuid.uuid4().hex}",
-                                                     width=n)}
-    obj.sampling_params = items
+        try:
+            meta = parse_meta(custom)
+        except ValueError:
+            continue  # not an object, or bad TAPER keys: `verify` answers 400
+        if meta is not None and meta.group is not None:
+            continue
+        tagged = {**sp, "custom_params": with_meta(custom, group=f"n-{uuid.uuid4().hex}",
+                                                   width=n)}
+        for j in range(i, len(params), count):
+            params[j] = tagged
+    for j, sub in obj.__dict__.get("_sub_obj_cache", {}).items():
+        sub.sampling_params = params[j]
 
 
-def _around_batch_request(original, manager, obj, *args, **kwargs):
+def _after_normalize(result, obj, *args, **kwargs):
     try:
         _tag_parallel_sampling(obj)
     except Exception:  # tagging is best effort; never fail the request for it
         logger.exception("TAPER: could not tag an n>1 request")
-    return original(manager, obj, *args, **kwargs)
+    return result
 
 
 async def _stats_endpoint(history: int = 0):
@@ -77,6 +94,5 @@ def _after_tokenizer_init(result, manager, *args, **kwargs):
 def install() -> None:
     HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify",
                           _after_verify, HookType.AFTER)
-    HookRegistry.register(f"{_TM}._handle_batch_request", _around_batch_request,
-                          HookType.AROUND)
+    HookRegistry.register(_NORMALIZE, _after_normalize, HookType.AFTER)
     HookRegistry.register(f"{_TM}.__init__", _after_tokenizer_init, HookType.AFTER)
