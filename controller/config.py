@@ -43,6 +43,18 @@ class TaperConfig:
     upper_quantile: float = _f(0.95, "step-time predictor: quantile of recent residuals added "
                                "for the upper bound, in [0.5, 1)")
     residual_window: int = _f(256, "step-time predictor: residuals kept for that quantile")
+    prior_weight: float = _f(2e-3, "step-time predictor: the prior counts as this fraction of "
+                             "the (forgetting-weighted) observations, so it never vanishes; "
+                             ">= 0")
+    weight_floor: float = _f(0.25, "step-time predictor: the per-sequence and per-KV-token "
+                             "costs decisions use never fall below this fraction of the "
+                             "prior's; in [0, 1]")
+    outlier_factor: float = _f(4.0, "step-time predictor: a step over this many times the "
+                               "upper bound is not learnt from (after 32 steps); > 1, inf: "
+                               "never")
+    row_tile: int = _f(0, "step-time predictor: the batch's sequences cost whole tiles of "
+                       "this many rows (16 on the CPU engine's batch-invariant GEMM); 0: "
+                       "linear")
     profile: str | None = _f(None, "path of a saved step-time model (taper profile) to "
                              "warm-start the predictor from")
     cascade: bool = _f(False, "the engine reads a group's shared prefix once per step "
@@ -63,6 +75,10 @@ class TaperConfig:
         _check(self, "forgetting", 0.9 <= self.forgetting <= 1, "must be in [0.9, 1]")
         _check(self, "upper_quantile", 0.5 <= self.upper_quantile < 1, "must be in [0.5, 1)")
         _check(self, "residual_window", self.residual_window >= 8, "must be >= 8")
+        _check(self, "prior_weight", self.prior_weight >= 0, "must be >= 0")
+        _check(self, "weight_floor", 0 <= self.weight_floor <= 1, "must be in [0, 1]")
+        _check(self, "outlier_factor", self.outlier_factor > 1, "must be > 1")
+        _check(self, "row_tile", self.row_tile >= 0, "must be >= 0 (0: off)")
 
     def to_dict(self) -> dict:
         """The constructor's fields (not the parsed spec)."""

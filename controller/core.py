@@ -48,8 +48,11 @@ class Controller:
                         if entry.urgency else 0.0)
         if model is None and self.config.profile:
             model = StepTimeModel.load(self.config.profile)
-        fit = dict(forgetting=self.config.forgetting, upper_quantile=self.config.upper_quantile,
-                   residual_window=self.config.residual_window)
+        c = self.config
+        fit = dict(forgetting=c.forgetting, upper_quantile=c.upper_quantile,
+                   residual_window=c.residual_window, prior_weight=c.prior_weight,
+                   weight_floor=c.weight_floor, outlier_factor=c.outlier_factor,
+                   row_tile=c.row_tile)
         self.predictor = StepTimePredictor(model, **fit)
         # Prefill steps, fitted on their own (intercept and prefill tokens excited).
         self.prefill_predictor = StepTimePredictor(model, **fit)
@@ -81,13 +84,13 @@ class Controller:
                 if urgent.any():
                     mandatory[extras[urgent]] = True
                     extras, lax = extras[~urgent], lax[~urgent]
-        w = self.predictor.unit_costs
         cascade = self.config.cascade
         kv = view.kv_len
         x_mand = self._features(view, mandatory)
         kv_m = kv[mandatory]
-        t_mand = float(w @ x_mand)
-        slack = step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap)
+        t_mand = self.predictor.batch_time(x_mand)
+        slack = step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap,
+                            self._prefill_time(view.queued.tokens) if view.queued else 0.0)
         budget = slack - t_mand - self.predictor.upper_margin
         if self._deferring:  # a deferred prefill waits for the critical requests' cushion
             if view.waiting:
@@ -104,7 +107,7 @@ class Controller:
                 extras = extras[pri]
             ext_g = g[extras]
             own = kv[extras] - view.shared_len[extras] if cascade else kv[extras]
-            costs = w[1] + w[2] * own
+            costs = self.predictor.extra_costs(len(kv_m), own)
             if self._order == "group":
                 rank = self._run_rank(ext_g)
                 counts = self._mandatory_counts(g[order], head, mandatory[order], ext_g)
@@ -174,17 +177,22 @@ class Controller:
         if not (self._prefill_gate and len(view) and view.critical.any()):
             self._deferring = False
             return True
-        p = self.prefill_predictor
-        t_prefill = p.predict(features(0, 0, prefill.tokens)) + p.upper_margin
+        t_prefill = self._prefill_time(prefill.tokens)
         # What each decode step takes while the prefill waits: the mandatory batch.
-        t_mand = float(self.predictor.unit_costs @ self._features(view, self._mandatory(view)[0]))
+        t_mand = self.predictor.batch_time(self._features(view, self._mandatory(view)[0]))
         self._deferring = prefill_gate.defer(view, prefill, self.config.margin, t_prefill,
                                              t_mand + self.gap)
         return not self._deferring
 
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """Learn from a finished prefill step of `tokens` tokens."""
-        self.prefill_predictor.update(features(0, 0, tokens), seconds)
+    def _prefill_time(self, tokens: int) -> float:
+        """Seconds a prefill step of `tokens` tokens takes (upper bound)."""
+        p = self.prefill_predictor
+        return p.predict(features(0, 0, tokens)) + p.upper_margin
+
+    def observe_prefill(self, tokens: int, seconds: float, disturbed: bool = False) -> None:
+        """Learn from a finished prefill step of `tokens` tokens (`disturbed`: it
+        spanned a pause or a control request, so it is counted, not learnt)."""
+        self.prefill_predictor.update(features(0, 0, tokens), seconds, disturbed)
 
     def _laxity(self, view: StepView, order: np.ndarray, head: np.ndarray,
                 extras: np.ndarray) -> np.ndarray:
@@ -259,7 +267,7 @@ class Controller:
         """Learn from a finished step: refit the predictor, track held branches."""
         d = result.decision
         if len(d.keep):
-            self.predictor.update(d.features, result.step_time)
+            self.predictor.update(d.features, result.step_time, result.disturbed)
         self._end_step(result.end - result.step_time, result.end)
         if not self._promote_starved:  # the baselines never promote: nothing to count
             return

@@ -22,7 +22,15 @@ give, less the engine's time between steps:
 
     budget = min_i s_i(now) - gap        [seconds]
 
-and +inf when no latency-critical request is running.
+and +inf when no latency-critical request is running or queued.
+
+A latency-critical request j still waiting for its prefill (queued) gets its
+first token only after this step, the engine's gap and the prefill, T_p
+seconds (predicted), so it has
+
+    q_j(t) = a_j + (1 - m) * TTFT_j - t - T_p                    [seconds]
+
+in hand, and the budget is the least of the s_i and q_j, less the gap.
 """
 
 from __future__ import annotations
@@ -49,9 +57,23 @@ def request_slack(view: StepView, margin: float, max_banked_tokens: float) -> np
     return np.minimum(deadline - view.now, max_banked_tokens * pace)
 
 
-def step_budget(view: StepView, margin: float, max_banked_tokens: float, gap: float) -> float:
-    """Seconds the next decode step may take before the tightest latency-critical
-    request misses its next (tightened) deadline; see the module docstring."""
-    if not view.critical.any():
+def queued_slack(view: StepView, margin: float, t_prefill: float) -> float:
+    """min_j q_j(now) in seconds over the queued latency-critical requests (see
+    the module docstring), +inf when none is queued. `t_prefill`: seconds the
+    prefill waiting behind this step takes."""
+    q = view.queued
+    if q is None or not len(q.arrival):
         return math.inf
-    return float(request_slack(view, margin, max_banked_tokens).min()) - gap
+    due = q.arrival + (1.0 - margin) * q.ttft_slo
+    return float(due.min()) - view.now - t_prefill
+
+
+def step_budget(view: StepView, margin: float, max_banked_tokens: float, gap: float,
+                t_prefill: float = 0.0) -> float:
+    """Seconds the next decode step may take before the tightest latency-critical
+    request, running or queued, misses its next (tightened) deadline; see the
+    module docstring. `t_prefill`: seconds of the prefill queued behind the step."""
+    slack = queued_slack(view, margin, t_prefill)
+    if view.critical.any():
+        slack = min(slack, float(request_slack(view, margin, max_banked_tokens).min()))
+    return slack - gap

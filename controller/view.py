@@ -64,48 +64,60 @@ class StepView:
     max_new: np.ndarray  # int64, the request's max_new_tokens (0: unknown)
     now: float = 0.0  # seconds, when the decision is asked for
     waiting: int = 0  # requests in the engine's waiting queue
-    prefill_tokens: int = 0  # prefill tokens planned into this same step (mixed steps)
+    prefill_tokens: int = 0  # prefill tokens planned into this same step (mixed steps;
+    # 0 on engines that run prefill and decode steps apart, as SGLang does here)
     pinned: np.ndarray | None = None  # bool, must run this step for the engine's sake
     # (finishing or aborted, grammar-constrained, ...) without being latency-critical
+    queued: PrefillView | None = None  # the prefill waiting behind this step and the
+    # latency-critical requests queued for it (their TTFT budgets the step); None: none
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @classmethod
     def from_seqs(
-        cls, seqs: Sequence[Seq], now: float, waiting: int = 0, prefill_tokens: int = 0
+        cls, seqs: Sequence[Seq], now: float, waiting: int = 0, prefill_tokens: int = 0,
+        queued: PrefillView | None = None,
     ) -> StepView:
-        def col(name: str, dtype: type) -> np.ndarray:
-            return np.fromiter((getattr(s, name) for s in seqs), dtype=dtype, count=len(seqs))
+        """A view of `seqs` (tests and tools), through the engines' builder."""
+        n = len(seqs)
+        ints = np.array([(s.group, s.branch, s.width, s.shared_len, s.generated, s.max_new,
+                          s.kv_len - s.generated,
+                          s.group == NO_GROUP if s.critical is None else s.critical)
+                         for s in seqs], dtype=np.int64).reshape(n, INT_ROWS).T
+        floats = np.array([(s.ttft_slo, s.tpot_slo, s.arrival,
+                            math.nan if s.first_token is None else s.first_token)
+                           for s in seqs], dtype=np.float64).reshape(n, FLOAT_ROWS).T
+        view = view_from_columns([s.sid for s in seqs], ints, floats, now, waiting=waiting,
+                                 queued=queued)
+        view.prefill_tokens = prefill_tokens
+        return view
 
-        first = np.fromiter(
-            (math.nan if s.first_token is None else s.first_token for s in seqs),
-            dtype=np.float64,
-            count=len(seqs),
-        )
-        critical = np.fromiter(
-            (s.group == NO_GROUP if s.critical is None else s.critical for s in seqs),
-            dtype=bool,
-            count=len(seqs),
-        )
-        return cls(
-            ids=[s.sid for s in seqs],
-            group=col("group", np.int64),
-            branch=col("branch", np.int64),
-            width=col("width", np.int64),
-            kv_len=col("kv_len", np.int64),
-            shared_len=col("shared_len", np.int64),
-            ttft_slo=col("ttft_slo", np.float64),
-            tpot_slo=col("tpot_slo", np.float64),
-            arrival=col("arrival", np.float64),
-            first_token=first,
-            generated=col("generated", np.int64),
-            critical=critical,
-            max_new=col("max_new", np.int64),
-            now=now,
-            waiting=waiting,
-            prefill_tokens=prefill_tokens,
-        )
+
+# Named rows of the two column blocks every engine builds a `StepView` from: the
+# simulator keeps its running set as such blocks, the SGLang adapter stacks one
+# row per request. Integer block (int64), one column per sequence:
+GROUP, BRANCH, WIDTH, SHARED, GENERATED, MAX_NEW, CONTEXT, CRITICAL = range(8)
+INT_ROWS = 8  # rows of the integer block; CONTEXT: prompt tokens, CRITICAL: 0/1
+# Float block (float64 seconds); FIRST is NaN before the first token:
+TTFT, TPOT, ARRIVAL, FIRST = range(4)
+FLOAT_ROWS = 4
+
+
+def view_from_columns(ids: Sequence[str], ints: np.ndarray, floats: np.ndarray, now: float,
+                      *, waiting: int = 0, queued: PrefillView | None = None,
+                      pinned: np.ndarray | None = None) -> StepView:
+    """The view of n sequences from an (INT_ROWS, n) int64 block and a (FLOAT_ROWS, n)
+    float64 block with the rows named above. The view's columns are rows of the
+    blocks (no copy): pass blocks the engine will not change during the decision."""
+    group, branch, width, shared, generated, max_new, context, critical = ints[:INT_ROWS]
+    ttft, tpot, arrival, first = floats[:FLOAT_ROWS]
+    return StepView(
+        ids=ids, group=group, branch=branch, width=width, kv_len=context + generated,
+        shared_len=shared, ttft_slo=ttft, tpot_slo=tpot, arrival=arrival, first_token=first,
+        generated=generated, critical=critical.astype(bool), max_new=max_new, now=now,
+        waiting=waiting, pinned=pinned if pinned is not None and pinned.any() else None,
+        queued=queued)
 
 
 @dataclass(slots=True, eq=False)
@@ -117,7 +129,7 @@ class Decision:
     held: np.ndarray  # int64 indices into the view, ascending: the sequences held out
     mandatory: int  # sequences that had to run (ordinary, critical, base, starved, urgent)
     budget: float  # seconds of slack left for extra branches after the mandatory
-    # batch (upper bound); +inf when no latency-critical sequence is running
+    # batch (upper bound); +inf when no latency-critical sequence is running or queued
     externality: float  # seconds, predicted extra step time of the admitted extras
     predicted: float  # seconds, predicted (mean) step time of the kept batch
     features: np.ndarray = field(repr=False)  # the kept batch's predictor features
@@ -150,3 +162,6 @@ class StepResult:
     decision: Decision  # the decision the step ran under
     step_time: float  # seconds, measured duration of the step's forward + sampling
     end: float  # seconds, when the step finished (same clock as StepView.now)
+    # True when the step spanned a pause_generation or a control request: its time
+    # says nothing about the batch, so the predictor does not learn from it
+    disturbed: bool = False

@@ -219,14 +219,18 @@ class Simulator:
             budget -= need
         return n, tokens
 
+    def _queued(self, tokens: int) -> PrefillView:
+        """The prefill of `tokens` tokens waiting to run, and the latency-critical
+        requests waiting for it."""
+        crit = [r for r in self.waiting if r.group < 0]
+        return PrefillView(tokens, np.fromiter((r.start for r in crit), np.float64, len(crit)),
+                           np.fromiter((r.prog.spec.ttft_slo for r in crit), np.float64,
+                                       len(crit)))
+
     def _gate_allows(self, tokens: int) -> bool:
         """Ask a prefill-gating controller whether to prefill now or decode first."""
-        crit = [r for r in self.waiting if r.group < 0]
         view = self.running.view(self.t, len(self.waiting))
-        pv = PrefillView(tokens, np.fromiter((r.start for r in crit), np.float64, len(crit)),
-                         np.fromiter((r.prog.spec.ttft_slo for r in crit), np.float64,
-                                     len(crit)))
-        return self.ctl.admit_prefill(view, pv)
+        return self.ctl.admit_prefill(view, self._queued(tokens))
 
     def _prefill(self) -> bool:
         """Admit what fits from the waiting queue (FIFO) into one prefill step,
@@ -266,7 +270,10 @@ class Simulator:
         self.kv_used -= r.new_tokens + r.max_new
 
     def _decode(self) -> None:
-        view = self.running.view(self.t, len(self.waiting))
+        # A queued critical request's TTFT budgets the step too (controller/slack.py);
+        # the prefill it waits for is what the next prefill step would take.
+        queued = self._queued(self._plan_prefill()[1]) if self.waiting else None
+        view = self.running.view(self.t, len(self.waiting), queued)
         d = self.ctl.decide(view)
         keep = d.keep
         g = view.group[keep]

@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.view import StepView
+from controller.view import (
+    FLOAT_ROWS,
+    GENERATED,
+    INT_ROWS,
+    MAX_NEW,
+    PrefillView,
+    StepView,
+    view_from_columns,
+)
 
-# Rows of `RunningSet.ints`. The first `_VIEW_INTS` are copied into each view.
-GROUP, BRANCH, WIDTH, SHARED, GENERATED, MAX_NEW, CONTEXT, RID, BASE = range(9)
-_VIEW_INTS = 6
-# Rows of `RunningSet.floats`, all copied into each view.
-TTFT, TPOT, ARRIVAL, FIRST = range(4)
+# Rows of `RunningSet.ints`: the view's integer rows (controller.view names them:
+# GROUP ... CRITICAL), then the request id and the token-time buffer's base.
+RID, BASE = INT_ROWS, INT_ROWS + 1
+# `RunningSet.floats` holds the view's float rows (controller.view: TTFT ... FIRST).
 
 
 class RunningSet:
@@ -34,8 +41,8 @@ class RunningSet:
 
     def __init__(self, capacity: int = 256) -> None:
         self.n = 0  # sequences running: the columns [0, n) are live
-        self.ints = np.zeros((9, capacity), np.int64)
-        self.floats = np.zeros((4, capacity), np.float64)
+        self.ints = np.zeros((INT_ROWS + 2, capacity), np.int64)
+        self.floats = np.zeros((FLOAT_ROWS, capacity), np.float64)
         self.times = np.empty(64 * capacity)  # seconds, the token-time buffer
         self._cursor = 0  # the buffer's first unreserved slot
 
@@ -55,21 +62,18 @@ class RunningSet:
         base = self._cursor
         self._cursor += max_new
         self.times[base] = first
-        self.ints[:, n] = (group, branch, width, shared, 1, max_new, context, rid, base)
+        self.ints[:, n] = (group, branch, width, shared, 1, max_new, context, group < 0, rid,
+                          base)
         self.floats[:, n] = (ttft, tpot, arrival, first)
         self.n = n + 1
 
-    def view(self, now: float, waiting: int) -> StepView:
+    def view(self, now: float, waiting: int, queued: PrefillView | None = None) -> StepView:
         """The controller's view of the running sequences (copies: the controller
         may keep what it is given, and the columns change after the step)."""
         n = self.n
-        group, branch, width, shared, generated, max_new = self.ints[:_VIEW_INTS, :n].copy()
-        ttft, tpot, arrival, first = self.floats[:, :n].copy()
-        return StepView(
-            ids=self.ints[RID, :n].tolist(), group=group, branch=branch, width=width,
-            kv_len=self.ints[CONTEXT, :n] + generated, shared_len=shared, ttft_slo=ttft,
-            tpot_slo=tpot, arrival=arrival, first_token=first, generated=generated,
-            critical=group < 0, max_new=max_new, now=now, waiting=waiting)
+        return view_from_columns(self.ints[RID, :n].tolist(), self.ints[:INT_ROWS, :n].copy(),
+                                 self.floats[:, :n].copy(), now, waiting=waiting,
+                                 queued=queued)
 
     def advance(self, keep: np.ndarray, end: float) -> np.ndarray:
         """One decode step, ending at `end` (seconds), gave the sequences at
