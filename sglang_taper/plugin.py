@@ -17,6 +17,7 @@ ENV_ENABLED = "TAPER_ENABLED"
 ENV_CONFIG = "TAPER_CONFIG"
 ENV_BATCH_INVARIANT = "TAPER_BATCH_INVARIANT"  # "1": CPU matmuls batch-invariant
 ENV_SLOWDOWN = "TAPER_SLOWDOWN"  # F > 1: every forward pass takes F times as long (testing)
+ENV_FAULT = "TAPER_INJECT_FAULT"  # POINT[@N]: TAPER's scheduler code raises there (testing)
 
 
 def enabled() -> bool:
@@ -30,7 +31,8 @@ def load() -> None:
     from sglang_taper import adapter
 
     config = TaperConfig.from_json(os.environ.get(ENV_CONFIG) or "{}")
-    adapter.install(config, slowdown=float(os.environ.get(ENV_SLOWDOWN) or 1.0))
+    adapter.install(config, slowdown=float(os.environ.get(ENV_SLOWDOWN) or 1.0),
+                    fault=os.environ.get(ENV_FAULT) or None)
     if os.environ.get(ENV_BATCH_INVARIANT) == "1":
         from sglang_taper.cpu import batch_invariant
 

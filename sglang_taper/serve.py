@@ -12,7 +12,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from controller.config import TaperConfig
@@ -162,6 +162,10 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         env = assets.cpu_env(env)
         if ns.taper_batch_invariant != "off":
             env[ENV_BATCH_INVARIANT] = "1"
+            if not _has(argv, "--taper-row-tile"):
+                # Batch-invariant GEMMs compute in 16-row tiles: step time is a
+                # staircase in the batch size, which the predictor then models.
+                config = replace(config, row_tile=16)
     elif model is None:
         raise ServeError("--model-path is required when a GPU is present")
     # The scheduler's numpy work is a few tiny arrays per step; OpenBLAS threads

@@ -30,6 +30,31 @@ class StepRecord:
         return d
 
 
+def step_record(view, keep: np.ndarray, names: dict[int, str], budget: float,
+                predicted: float, measured: float, end: float
+                ) -> tuple[StepRecord, dict[str, int]]:
+    """The record of a regulated step (`view`: the controller's view before it,
+    `keep`: the indices that decoded), and the branches of each group present
+    that decoded, by group name (`names`: code -> name)."""
+    # One sort of the view's group codes gives both the groups present and how many
+    # of each decoded (the kept ones).
+    grouped = view.group >= 0
+    codes, inverse = np.unique(view.group[grouped], return_inverse=True)
+    kept = np.zeros(len(view), dtype=bool)
+    kept[keep] = True
+    counts = np.bincount(inverse[kept[grouped]], minlength=len(codes))
+    present = counts > 0
+    widths = {names.get(int(c), str(int(c))): int(n)
+              for c, n in zip(codes[present], counts[present])}
+    rec = StepRecord(
+        end=end, seqs=len(view), kept=len(keep), kv=int(view.kv_len[keep].sum()),
+        held=len(view) - len(keep), groups=len(codes), branches=int(counts.sum()),
+        max_width=int(counts.max()) if len(counts) else 0,
+        budget=budget, predicted=predicted, measured=measured,
+    )
+    return rec, widths
+
+
 class TaperStats:
     """Cumulative counters plus a ring of recent steps."""
 
@@ -50,6 +75,9 @@ class TaperStats:
         self._recent_err: deque[float] = deque(maxlen=history)
         self.last_widths: dict[str, int] = {}  # group -> branches decoding, last step
         self.decision_digest = 0  # running hash of decisions (equal across TP ranks)
+        self.degraded: str | None = None  # why regulation turned itself off, or None
+        self.faults = 0  # exceptions caught on the scheduler path (the first one degrades)
+        self.rejected_steps = 0  # decode steps not learnt from (spanned a pause, outlier)
 
     def record(self, rec: StepRecord, widths: dict[str, int] | None, kept_ids=None) -> None:
         self.steps += 1
@@ -93,6 +121,9 @@ class TaperStats:
                 "recent_over_fraction": float((err > 0).mean()),
             },
             "decision_digest": self.decision_digest,
+            "degraded": self.degraded is not None,
+            "degraded_reason": self.degraded,
+            "faults": self.faults,
         }
         if self.history:
             last = self.history[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -105,3 +106,16 @@ def ordinary(sid: str, *, tpot: float = 0.05, generated: int = 8, first_token: f
              kv_len: int = 128, arrival: float = 0.0, ttft: float = 1.0) -> Seq:
     return Seq(sid, kv_len=kv_len, generated=generated, first_token=first_token,
                tpot_slo=tpot, ttft_slo=ttft, arrival=arrival)
+
+
+def wait_idle(url: str, timeout: float = 60.0) -> dict:
+    """Wait until nothing runs, is held or is locked in the radix cache; returns
+    the server's KV figures (/taper/stats `kv`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kv = get_json(url + "/taper/stats")["kv"]
+        if kv["running_reqs"] == 0 and kv["held_reqs"] == 0 and kv["protected"] == 0:
+            return kv
+        time.sleep(0.2)
+    raise AssertionError(f"server not idle after {timeout} s: "
+                         f"{get_json(url + '/taper/stats')['kv']}")

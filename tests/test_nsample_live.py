@@ -14,12 +14,11 @@ output that went to the wrong index, or the wrong prompt, shows."""
 from __future__ import annotations
 
 import os
-import time
 import urllib.error
 
 import pytest
 
-from tests.conftest import generate, get_json, post_json
+from tests.conftest import generate, get_json, post_json, wait_idle
 
 pytestmark = pytest.mark.live
 
@@ -37,16 +36,6 @@ def server(pool, policy: str):
 
 def stats(srv) -> dict:
     return get_json(srv.url + "/taper/stats")
-
-
-def _wait_idle(srv, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kv = stats(srv)["kv"]
-        if kv["running_reqs"] == 0 and kv["held_reqs"] == 0 and kv["protected"] == 0:
-            return kv
-        time.sleep(0.2)
-    raise AssertionError(f"server not idle after {timeout} s: {stats(srv)['kv']}")
 
 
 def _choices(body: dict) -> list[str]:
@@ -77,11 +66,11 @@ CASES = {
 def _run(srv) -> dict:
     """Each case alone on the server: its outputs and the change in the figures."""
     out = {}
-    _wait_idle(srv)
+    wait_idle(srv.url)
     for name, (request, *_) in CASES.items():
         before = stats(srv)
         outputs = request(srv.url)
-        _wait_idle(srv)
+        wait_idle(srv.url)
         after = stats(srv)
         hist0 = before["group_width_histogram"]
         widths = {int(w): c - hist0.get(w, 0) for w, c in after["group_width_histogram"].items()
@@ -93,7 +82,7 @@ def _run(srv) -> dict:
             "widths": widths,
             "last_groups": sorted(after["last_group_widths"]),
         }
-    return {"cases": out, "end": stats(srv), "kv": _wait_idle(srv)}
+    return {"cases": out, "end": stats(srv), "kv": wait_idle(srv.url)}
 
 
 @pytest.fixture(scope="module")
@@ -167,5 +156,5 @@ def test_invalid_custom_params_is_a_400_on_every_endpoint(server_pool, custom):
         text = err.value.read().decode()
         assert err.value.code == 400 and "custom_params" in text, (path, text)
     assert generate(srv.url, "still serving", 4)["meta_info"]["completion_tokens"] == 4
-    kv = _wait_idle(srv)
+    kv = wait_idle(srv.url)
     assert kv["available"] + kv["evictable"] == kv["capacity"]

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import generate, get_json, post, post_json
+from tests.conftest import generate, get_json, post, post_json, wait_idle
 from tests.live_suite import assert_same_outputs, run_suite
 
 pytestmark = pytest.mark.live
@@ -40,7 +40,7 @@ def outputs_by_policy(server_pool) -> dict:
         outputs = run_suite(srv.url)
         # Every client has its answer, but the scheduler may not yet have run the
         # pass that drops the last finished request from its batch.
-        _wait_idle(srv)
+        wait_idle(srv.url)
         out[policy] = (outputs, stats(srv))
     return out
 
@@ -73,19 +73,9 @@ def test_regulation_is_real(outputs_by_policy):
         assert kv["available"] + kv["evictable"] == kv["capacity"] and kv["protected"] == 0
 
 
-def _wait_idle(srv, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kv = stats(srv)["kv"]
-        if kv["running_reqs"] == 0 and kv["held_reqs"] == 0 and kv["protected"] == 0:
-            return kv
-        time.sleep(0.2)
-    raise AssertionError(f"server not idle after {timeout} s: {stats(srv)['kv']}")
-
-
 def test_abort_frees_kv_of_running_and_held_branches(server_pool):
     srv = server(server_pool, "off")
-    idle = _wait_idle(srv)
+    idle = wait_idle(srv.url)
     rids = [f"abort-b{i}" for i in range(4)]
     results: dict[str, dict] = {}
 
@@ -118,7 +108,7 @@ def test_abort_frees_kv_of_running_and_held_branches(server_pool):
     # Under `off` branch 0 decoded; 1-3 were held since their prefill token and
     # ran one last step to finish as aborted.
     assert 30 <= tokens[0] < 4000 and all(t <= 2 for t in tokens[1:]), tokens
-    kv = _wait_idle(srv)
+    kv = wait_idle(srv.url)
     assert kv["available"] + kv["evictable"] == kv["capacity"]
     assert kv["available"] + kv["evictable"] == idle["available"] + idle["evictable"]
     assert srv.proc.poll() is None and generate(srv.url, "still serving")["output_ids"]
@@ -178,7 +168,7 @@ def test_taper_defers_a_long_prefill_a_critical_request_cannot_absorb(server_poo
     out = {}
     for policy in ("taper", "eager"):
         srv = server(server_pool, policy)
-        _wait_idle(srv)
+        wait_idle(srv.url)
         # The idle server's TPOT, and one long prefill so the gate has seen one.
         t0 = time.monotonic()
         generate(srv.url, "Alone, for the isolated pace:", 64)
@@ -192,7 +182,7 @@ def test_taper_defers_a_long_prefill_a_critical_request_cannot_absorb(server_poo
                        after["deferred_prefills"] - before["deferred_prefills"])
         assert crit["meta_info"]["completion_tokens"] == 240
         assert all(o["meta_info"]["completion_tokens"] == 4 for o in longs)
-        kv = _wait_idle(srv)
+        kv = wait_idle(srv.url)
         assert kv["available"] + kv["evictable"] == kv["capacity"]
     assert out["taper"][2] > 0 and out["eager"][2] == 0
     assert out["taper"][:2] == out["eager"][:2]

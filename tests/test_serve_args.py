@@ -103,3 +103,12 @@ def test_slowdown_reaches_the_plugin_and_only_when_asked():
     plain = build_launch(["--taper-device", "cpu"],
                          base_env={**os.environ, "TAPER_SLOWDOWN": "3"})
     assert "TAPER_SLOWDOWN" not in plain.env
+
+
+def test_batch_invariant_cpu_engine_models_row_tiles_unless_told():
+    """Batch-invariant CPU GEMMs make step time a staircase in 16-row tiles."""
+    assert build_launch(["--taper-device", "cpu"]).config.row_tile == 16
+    assert build_launch(["--taper-device", "cpu", "--taper-row-tile", "0"]).config.row_tile == 0
+    off = build_launch(["--taper-device", "cpu", "--taper-batch-invariant", "off"])
+    assert off.config.row_tile == 0
+    assert '"row_tile": 16' in build_launch(["--taper-device", "cpu"]).env["TAPER_CONFIG"]

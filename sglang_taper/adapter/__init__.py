@@ -20,18 +20,22 @@ def _add_internal_state(result, *args, **kwargs):
 
     rt = runtime()
     if rt is not None:
-        result.internal_state["taper"] = rt.status()
+        status = rt.guard("status", rt.status)
+        result.internal_state["taper"] = status if status is not None else {
+            "enabled": True, "regulating": False, "degraded": True,
+            "degraded_reason": rt.stats.degraded}
     return result
 
 
-def install(config: TaperConfig, slowdown: float = 1.0) -> None:
+def install(config: TaperConfig, slowdown: float = 1.0, fault: str | None = None) -> None:
     """Register TAPER's hooks. Called once per SGLang process by the plugin.
     `slowdown` > 1 makes every forward pass take that many times as long (a
     slower machine, for testing that the benchmark's verdict does not depend
-    on the machine's speed)."""
+    on the machine's speed). `fault`: a point where TAPER's scheduler code raises
+    on purpose (adapter/runtime.py FAULT_POINTS), to prove the fail-safe."""
     from sglang_taper.adapter import scheduler, server
 
-    scheduler.install(config, slowdown)
+    scheduler.install(config, slowdown, fault)
     server.install()
     if config.cascade:
         from sglang_taper.adapter import cascade_backend

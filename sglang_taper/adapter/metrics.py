@@ -26,6 +26,9 @@ class TaperMetrics:
                               multiprocess_mode="mostrecent")
         self.error = Histogram("taper_prediction_abs_error_seconds",
                                "|measured - predicted| step time", buckets=_TIME_BUCKETS)
+        self.degraded = Gauge("taper_degraded", "1 when TAPER turned its regulation off "
+                              "after an error (see /taper/stats degraded_reason)",
+                              multiprocess_mode="max")
         self.width = Histogram("taper_group_width", "Branches of one group decoding in a step",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 

@@ -1,0 +1,442 @@
+"""TAPER's state inside one SGLang scheduler process: the controller's two calls
+(decide before a decode step, observe after it), the TP agreement on what runs,
+and the fail-safe.
+
+Fail-safe: TAPER must never take the scheduler down. Every entry point from a
+hook runs under `guard`: an exception is logged once with its traceback,
+counted, and turns regulation off for this scheduler (`degraded`, with the
+reason, in /taper/stats and the `taper_degraded` gauge). A step whose decision
+failed runs whole; a held part is always merged back. Under tensor parallelism
+rank 0 decides and broadcasts, and a failure on rank 0 is broadcast as "keep
+all, degrade", so every rank reaches the same fallback at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from controller import Controller, PrefillView, StepResult, TaperConfig
+from sglang_taper.adapter import batch as surgery
+from sglang_taper.adapter.reqmeta import MAX_GROUPS, GroupCodes, ReqMeta, live_view, parse_request
+from sglang_taper.stats import TaperStats, step_record
+
+logger = logging.getLogger("sglang_taper")
+
+_LOG_EVERY_S = 10.0
+FAULT_POINTS = ("attach", "decide", "split", "observe", "stats")  # where a fault can be injected
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose (TAPER_INJECT_FAULT) to prove the fail-safe."""
+
+
+def agree_on_keep(is_rank0: bool, decide: Callable[[], np.ndarray],
+                  broadcast: Callable[[list], list], degrade: str | None = None
+                  ) -> tuple[np.ndarray | None, str | None]:
+    """Every TP rank must build the same batch: rank 0 decides (its clock and fit
+    are the reference) and broadcasts the kept indices, or None ("keep all") with
+    a reason to degrade: its decision failed, or `degrade` (an earlier fault on
+    rank 0) says so. Every rank calls `broadcast` exactly once, whatever happened
+    on rank 0, so none blocks. Returns (keep or None, reason or None)."""
+    payload: list = [None, degrade]
+    if is_rank0 and degrade is None:
+        try:
+            payload = [decide().tolist(), None]
+        except Exception as e:  # noqa: BLE001 (the fail-safe: see the module docstring)
+            logger.exception("TAPER: the decision failed on TP rank 0; every rank runs whole")
+            payload = [None, f"decide: {type(e).__name__}: {e}"]
+    keep, reason = broadcast(payload)
+    return (None if keep is None else np.asarray(keep, dtype=np.int64)), reason
+
+
+class SchedulerRuntime:
+    """TAPER's state inside one scheduler process."""
+
+    def __init__(self, scheduler, config: TaperConfig, fault: str | None = None) -> None:
+        self.config = config
+        self.controller = Controller(config)
+        self.stats = TaperStats(str(config.policy))
+        self.groups = GroupCodes()
+        self.held = None  # the held-out part of the running batch, or None
+        self.inflight: dict[int, tuple] = {}  # forward_iter -> (decision, view | None, keep)
+        self._pending = None  # (batch, decision, view, keep) of the step being built
+        self._last_log = time.monotonic()
+        self._metrics = None
+        self._disturbed_before = 0.0  # steps launched before this (monotonic s) spanned a
+        # pause or a control request: not learnt from
+        self.hook_seconds = 0.0  # seconds spent in TAPER's hooks on the scheduler path
+        self.hook_split: dict[str, float] = {}  # the same, per entry point
+        self.decode_seconds = 0.0  # seconds of measured decode steps
+        self.prefill_seconds = 0.0  # seconds of measured prefill (extend) steps
+        self._degrade_next: str | None = None  # TP: a fault to announce in the next broadcast
+        self._rank0_decision = None
+        self._fault, self._fault_at = _parse_fault(fault)
+        self._calls: dict[str, int] = {}
+        self.scheduler = scheduler
+        self.tp_size = scheduler.tp_size
+        self.disabled = surgery.unsupported(scheduler)
+        if self.disabled:
+            logger.warning("TAPER regulation is off in this scheduler: %s", self.disabled)
+        if getattr(scheduler.server_args, "enable_metrics", False):
+            from sglang_taper.adapter.metrics import TaperMetrics
+
+            self._metrics = TaperMetrics()
+        logger.info("TAPER enabled: policy=%s tp_size=%d%s", config.policy, self.tp_size,
+                    f" (injecting a fault in {self._fault})" if self._fault else "")
+
+    # ------------------------------------------------------------- fail-safe
+
+    def guard(self, where: str, fn: Callable, *args):
+        """Run one of TAPER's entry points; on an exception, degrade (module
+        docstring) and return None. Also times it (TAPER's cost on the
+        scheduler's critical path)."""
+        t0 = time.perf_counter()  # vDSO clock; time.thread_time() is a slow syscall here
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 (the fail-safe)
+            self.degrade(where, e)
+            return None
+        finally:
+            dt = time.perf_counter() - t0
+            self.hook_seconds += dt
+            self.hook_split[where] = self.hook_split.get(where, 0.0) + dt
+
+    def degrade(self, where: str, exc: BaseException | None, reason: str | None = None,
+                agreed: bool = False) -> None:
+        """Turn regulation off for this scheduler, once, saying why (under TP: from
+        the step all ranks agree on, `agreed` when that is now)."""
+        if exc is not None:
+            self.stats.faults += 1
+        first = self.stats.degraded is None
+        reason = reason or f"{where}: {type(exc).__name__}: {exc}"
+        if first:
+            self.stats.degraded = reason
+            if exc is not None:
+                logger.error("TAPER: an error in %s; regulation is off for this scheduler from "
+                             "now on and every step runs whole", where, exc_info=exc)
+            else:
+                logger.error("TAPER: regulation is off for this scheduler: %s", reason)
+        else:
+            logger.debug("TAPER: another fault in %s: %r", where, exc)
+        if self.tp_size > 1 and not agreed:
+            # Every rank must stop splitting at the same step: rank 0 announces it
+            # in its next broadcast. A follower's own fault is reported, and the
+            # follower keeps applying rank 0's decisions.
+            self._degrade_next = self._degrade_next or reason
+        else:
+            self.disabled = self.disabled or f"degraded after an error ({reason})"
+        self._pending = None
+        if self._metrics is not None:
+            self._metrics.degraded.set(1)
+
+    def _inject(self, where: str) -> None:
+        if self._fault == where:
+            n = self._calls[where] = self._calls.get(where, 0) + 1
+            if n >= self._fault_at:
+                raise InjectedFault(f"injected fault in {where} (call {n})")
+
+    # ----------------------------------------------------------- new requests
+
+    def attach(self, req) -> ReqMeta:
+        """Parse a new request's metadata and attach what the view needs."""
+        self._inject("attach")
+        if len(self.groups) > MAX_GROUPS:
+            self.groups.prune(self._live_groups())
+        meta = req._taper = parse_request(req, self.config, self.groups)
+        return meta
+
+    def _live_groups(self) -> set[str]:
+        """Group names some request still carries: running, held or waiting."""
+        sched = self.scheduler
+        reqs = list(sched.running_batch.reqs) + list(sched.waiting_queue)
+        if self.held is not None:
+            reqs += self.held.reqs
+        return {m.group for r in reqs if (m := getattr(r, "_taper", None)) is not None
+                and m.group is not None}
+
+    def _metas(self, reqs: list, now: float) -> list[ReqMeta]:
+        metas = []
+        for r in reqs:
+            m = getattr(r, "_taper", None)
+            if m is None:
+                m = self.attach(r)
+            m.stamp_first_token(r, now)
+            metas.append(m)
+        return metas
+
+    # ----------------------------------------------------------- decode step
+
+    def regulate(self, batch) -> None:
+        """Decide which sequences of `batch` decode; park the rest in `self.held`."""
+        self._pending = None
+        if self.held is not None:  # defensive: never lose a parked part
+            self.merge_into(batch)
+        if self.disabled:
+            return
+        reqs = batch.reqs
+        if not any(m is not None and m.group is not None
+                   for m in (getattr(r, "_taper", None) for r in reqs)):
+            return
+        if surgery.unsafe_to_split(batch):
+            self.stats.unsafe_steps += 1
+            return
+        now = time.monotonic()
+        if self.tp_size > 1:
+            keep, view = self._keep_on_every_rank(reqs, now)
+            if keep is None:
+                return
+            decision = None
+        else:
+            view = self._view(reqs, now)
+            self._inject("decide")
+            decision = self.controller.decide(view)
+            keep = decision.keep
+        if len(keep) < len(reqs):
+            held = decision.held if decision is not None else surgery.complement(keep, len(reqs))
+            self._inject("split")
+            self.held = surgery.split(batch, keep, held)
+        self._pending = (batch, decision, view, keep)
+
+    def _view(self, reqs: list, now: float):
+        return live_view(reqs, self._metas(reqs, now), now, len(self.scheduler.waiting_queue),
+                         self._queued())
+
+    def _queued(self) -> PrefillView | None:
+        """The prefill waiting behind this step, with the latency-critical requests
+        waiting for it (their TTFT budgets the step), or None when none waits."""
+        if not self.scheduler.waiting_queue:
+            return None
+        return self._waiting_prefill()
+
+    def _keep_on_every_rank(self, reqs: list, now: float) -> tuple[np.ndarray | None, object]:
+        """TP: the indices every rank keeps (None: all, this step) and this rank's
+        view (None where it could not be built: the rank still follows rank 0)."""
+        from sglang.srt.runtime_context import get_parallel
+        from sglang.srt.utils.common import broadcast_pyobj
+
+        group = get_parallel().tp_group
+        is_rank0 = group.rank_in_group == 0
+        view = None
+
+        def decide() -> np.ndarray:
+            nonlocal view
+            view = self._view(reqs, now)
+            self._inject("decide")
+            self._rank0_decision = self.controller.decide(view)
+            return self._rank0_decision.keep
+
+        def broadcast(payload: list) -> list:
+            return broadcast_pyobj(payload, group.rank, group.cpu_group, src=group.ranks[0])
+
+        self._rank0_decision = None
+        keep, reason = agree_on_keep(is_rank0, decide, broadcast, self._degrade_next)
+        if reason is not None:
+            self.degrade("decide (TP rank 0)", None, reason=reason, agreed=True)
+            return None, None
+        if not is_rank0:
+            try:
+                view = self._view(reqs, now)
+            except Exception as e:  # noqa: BLE001 (reported; the split still follows rank 0)
+                self.degrade("view (TP follower)", e)
+        return keep, view
+
+    def merge_into(self, running_batch):
+        """Put the held part back; returns the running batch to use. Never drops
+        the held part: if the merge fails it stays parked (and is counted as
+        owning KV) and the next pass tries again."""
+        held = self.held
+        if held is None:
+            return running_batch
+        try:
+            out = surgery.merge(running_batch, held)
+        except Exception as e:  # noqa: BLE001
+            self.degrade("merge", e)
+            return running_batch
+        self.held = None
+        return out
+
+    def on_run(self, batch) -> None:
+        """After `run_batch` launched a decode step (forward_iter is set)."""
+        pending, self._pending = self._pending, None
+        if (pending is None or pending[0] is not batch or pending[2] is None
+                or len(pending[3]) != len(batch.reqs)):
+            n = len(batch.reqs)
+            # numpy, not a torch reduction: torch would wake its intra-op thread pool
+            kv = int(batch.seq_lens_cpu.numpy().sum()) if batch.seq_lens_cpu is not None else 0
+            self.inflight[batch.forward_iter] = (self.controller.passthrough(n, kv), None, None)
+            return
+        _, decision, view, keep = pending
+        if decision is None:  # TP: rank 0 keeps its own decision, followers a stand-in
+            decision = self._rank0_decision or self._follower_decision(view, keep)
+            self._rank0_decision = None
+        self.inflight[batch.forward_iter] = (decision, view, keep)
+
+    def _follower_decision(self, view, keep: np.ndarray):
+        d = self.controller.passthrough(len(keep), int(view.kv_len[keep].sum()))
+        d.keep = keep
+        d.held = surgery.complement(keep, len(view))
+        d.ids = view.ids
+        return d
+
+    def disturb(self) -> None:
+        """A pause or a control request is being handled: the steps in flight
+        measure it too, so none of them is learnt from."""
+        self._disturbed_before = time.monotonic()
+
+    def on_result(self, batch) -> None:
+        """After the result of a step was processed: observe and record."""
+        now = time.monotonic()
+        if batch.forward_mode.is_extend():
+            self._on_prefill(batch, now)
+            return
+        entry = self.inflight.pop(batch.forward_iter, None)
+        if entry is None or batch.launch_ts is None:
+            return
+        decision, view, keep = entry
+        step_time = now - batch.launch_ts
+        self.decode_seconds += step_time
+        disturbed = batch.launch_ts <= self._disturbed_before
+        self._inject("observe")
+        self.controller.observe(StepResult(decision, step_time=step_time, end=now,
+                                           disturbed=disturbed))
+        self._inject("stats")
+        if view is None:  # a step without branches: learn from it, count it, nothing more
+            self.stats.steps += 1
+            if self._metrics is not None:
+                self._metrics.steps.inc()
+            return
+        rec, widths = step_record(view, keep, self.groups.names, decision.budget,
+                                  decision.predicted, step_time, now)
+        # The decision digest tells TP ranks' decisions apart; one rank needs none.
+        self.stats.record(rec, widths, [view.ids[i] for i in keep] if self.tp_size > 1 else None)
+        if self._metrics is not None:
+            self._metrics.observe(rec, widths)
+        if now - self._last_log > _LOG_EVERY_S and self.stats.regulated_steps:
+            self._last_log = now
+            logger.info(self.stats.summary())
+
+    def _on_prefill(self, batch, now: float) -> None:
+        for r in batch.reqs:
+            m = getattr(r, "_taper", None)
+            if m is not None:
+                m.stamp_first_token(r, now)
+        if batch.launch_ts is not None and batch.extend_num_tokens:
+            self.prefill_seconds += now - batch.launch_ts
+            self.controller.observe_prefill(int(batch.extend_num_tokens), now - batch.launch_ts,
+                                            batch.launch_ts <= self._disturbed_before)
+
+    # ----------------------------------------------------------- prefill gate
+
+    def defer_prefill(self, running_batch) -> bool:
+        """Before SGLang builds a prefill batch: True to decode the running batch
+        first (the controller's prefill gate, controller/prefill.py)."""
+        sched = self.scheduler
+        if (self.disabled or not self.controller.gates_prefill or self.tp_size > 1
+                or sched.chunked_req is not None or not sched.waiting_queue
+                or running_batch.is_empty()):
+            return False
+        reqs = running_batch.reqs
+        if not any(m is not None and m.critical
+                   for m in (getattr(r, "_taper", None) for r in reqs)):
+            return False  # no latency-critical request decoding: nothing to protect
+        now = time.monotonic()
+        view = live_view(reqs, self._metas(reqs, now), now, len(sched.waiting_queue), None)
+        deferred = not self.controller.admit_prefill(view, self._waiting_prefill())
+        if deferred:
+            self.stats.deferred_prefills += 1
+        return deferred
+
+    def _waiting_prefill(self) -> PrefillView:
+        """The prefill SGLang would build now, approximately: waiting requests in
+        queue order, their prompt tokens not in the radix cache, up to the
+        scheduler's per-step token budget; and the waiting critical requests."""
+        from sglang.srt.mem_cache.common import match_kv_cache
+
+        sched = self.scheduler
+        limits = [x for x in (sched.max_prefill_tokens, sched.chunked_prefill_size) if x]
+        budget = min(limits) if limits else 1 << 30
+        tokens, arrival, ttft = 0, [], []
+        for req in sched.waiting_queue:
+            m = getattr(req, "_taper", None)
+            if m is None:
+                m = self.attach(req)
+            if m.critical:
+                arrival.append(m.arrival)
+                ttft.append(m.ttft)
+            if tokens < budget:
+                # What SGLang's FCFS policy does to every waiting request each pass.
+                match_kv_cache(req, sched.tree_cache)
+                tokens += max(1, len(req.origin_input_ids) - req.prefix_len)
+        return PrefillView(min(tokens, budget), np.asarray(arrival, dtype=np.float64),
+                           np.asarray(ttft, dtype=np.float64))
+
+    # ----------------------------------------------------------------- figures
+
+    def held_count(self) -> int:
+        return 0 if self.held is None else len(self.held.reqs)
+
+    def kv_figures(self) -> dict:
+        """KV pool occupancy in tokens: at idle, available + evictable = capacity."""
+        sched = self.scheduler
+        return {
+            "capacity": int(sched.max_total_num_tokens),
+            "available": int(sched.token_to_kv_pool_allocator.available_size()),
+            "evictable": int(sched.tree_cache.evictable_size()),
+            "protected": int(sched.tree_cache.protected_size()),
+            "running_reqs": len(sched.running_batch.reqs),
+            # held now: 0 whenever the endpoint answers (the held part rejoined the
+            # running batch at the start of the pass that serves it)
+            "held_reqs": self.held_count(),
+            "last_step_held": self.stats.history[-1].held if self.stats.history else 0,
+        }
+
+    def status(self) -> dict:
+        ctl = self.controller
+        pred = ctl.predictor
+        return {
+            "kv": self.kv_figures(),
+            "enabled": True,
+            "regulating": not self.disabled,
+            "disabled_reason": self.disabled,
+            "batch_invariant": _batch_invariant(),
+            "config": self.config.to_json(),
+            "overhead": {"hook_seconds": self.hook_seconds, "by_method_s": self.hook_split,
+                         "decode_seconds": self.decode_seconds,
+                         "hook_us_per_step": 1e6 * self.hook_seconds / max(1, self.stats.steps),
+                         "fraction_of_decode": self.hook_seconds / max(1e-9,
+                                                                       self.decode_seconds)},
+            "predictor": {"weights": pred.w.tolist(),  # the raw fit, seconds per scaled unit
+                          # what decisions use: clipped, floored, per unscaled unit
+                          "unit_costs": pred.unit_costs.tolist(),
+                          "level": pred.level,  # measured / prior-predicted step time
+                          "observed": pred.observed,  # steps learnt from
+                          "rejected": {"disturbed": pred.outliers_disturbed,
+                                       "spike": pred.outliers_spike},
+                          "upper_margin_s": pred.upper_margin,
+                          "gap_s": ctl.gap,
+                          # prefill steps: intercept and seconds per 1024 prompt tokens
+                          "prefill_weights": ctl.prefill_predictor.w[[0, 3]].tolist(),
+                          "prefill_observed": ctl.prefill_predictor.observed,
+                          "prefill_seconds": self.prefill_seconds},
+            **self.stats.to_dict(),
+        }
+
+
+def _parse_fault(spec: str | None) -> tuple[str | None, int]:
+    """TAPER_INJECT_FAULT: `POINT` or `POINT@N` (raise from the N-th call on)."""
+    if not spec:
+        return None, 0
+    point, _, at = spec.partition("@")
+    if point not in FAULT_POINTS:
+        raise ValueError(f"TAPER_INJECT_FAULT: {point!r} is not one of {FAULT_POINTS}")
+    return point, int(at or 1)
+
+
+def _batch_invariant() -> bool:
+    from sglang_taper.cpu import batch_invariant
+
+    return batch_invariant.enabled()

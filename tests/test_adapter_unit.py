@@ -1,0 +1,137 @@
+"""Single functions of the SGLang adapter, without a server: the TP agreement on
+what runs, group codes, fault injection, and queued critical work in the budget."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from controller import Controller, PrefillView, TaperConfig
+from sglang_taper.adapter.reqmeta import GroupCodes
+from sglang_taper.adapter.runtime import FAULT_POINTS, _parse_fault, agree_on_keep
+from tests.conftest import group_seqs, make_view, ordinary
+
+
+class _Group:
+    """Two TP ranks' broadcast: rank 0's payload reaches both (a barrier, so that a
+    rank that skipped the call would hang the test, as it would hang SGLang)."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=5)
+        self.payload = None
+
+    def broadcast(self, rank: int):
+        def send(payload: list) -> list:
+            if rank == 0:
+                self.payload = payload
+            self.barrier.wait()
+            return list(self.payload)
+        return send
+
+
+def _two_ranks(decide0, degrade0=None) -> list:
+    group, out = _Group(), [None, None]
+
+    def rank(r: int) -> None:
+        def follower_decide():
+            raise AssertionError("a follower never decides")
+        out[r] = agree_on_keep(r == 0, decide0 if r == 0 else follower_decide,
+                               group.broadcast(r), degrade0 if r == 0 else None)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return out
+
+
+def test_every_tp_rank_applies_rank0s_decision():
+    (k0, r0), (k1, r1) = _two_ranks(lambda: np.array([0, 2, 3]))
+    assert k0.tolist() == k1.tolist() == [0, 2, 3] and r0 is r1 is None
+
+
+def test_a_failed_decision_on_rank0_means_keep_all_and_degrade_on_every_rank():
+    def boom():
+        raise RuntimeError("bad fit")
+    (k0, r0), (k1, r1) = _two_ranks(boom)
+    assert k0 is None and k1 is None
+    assert r0 == r1 and "RuntimeError: bad fit" in r0
+
+
+def test_an_earlier_fault_on_rank0_is_announced_without_deciding():
+    def never():
+        raise AssertionError("rank 0 must not decide once it degraded")
+    (k0, r0), (k1, r1) = _two_ranks(never, degrade0="observe: ValueError: x")
+    assert k0 is None and k1 is None and r0 == r1 == "observe: ValueError: x"
+
+
+def test_pruning_group_codes_keeps_live_groups_whole():
+    """A live group keeps its code and its member numbering: pruning must never
+    split one group into two, each with a mandatory base branch."""
+    g = GroupCodes()
+    live = g.code("live")
+    assert [g.next_member("live") for _ in range(2)] == [0, 1]
+    g.code("done")
+    g.next_member("done")
+    assert g.prune({"live"}) == 1
+    assert g.code("live") == live and g.next_member("live") == 2
+    assert g.code("done") > live  # a new group after the prune: a new, younger code
+    assert g.names[live] == "live" and len(g) == 2
+
+
+def test_fault_spec():
+    assert _parse_fault(None) == (None, 0)
+    assert _parse_fault("decide") == ("decide", 1)
+    assert _parse_fault("observe@40") == ("observe", 40)
+    assert set(FAULT_POINTS) >= {"decide", "split", "observe", "stats"}
+    with pytest.raises(ValueError, match="nowhere"):
+        _parse_fault("nowhere")
+
+
+def _branches_and_budget(queued: PrefillView | None, now: float = 1.0):
+    ctl = Controller(TaperConfig(policy="taper"))
+    view = make_view(group_seqs(0, 8), now=now, waiting=0 if queued is None else 1,
+                     queued=queued)
+    return ctl.decide(view)
+
+
+def test_a_queued_critical_request_budgets_the_step():
+    """No critical request runs: the budget is unbounded and every branch runs,
+    unless a latency-critical request waits for its prefill; then its TTFT
+    deadline (less the prefill's time) bounds the step."""
+    free = _branches_and_budget(None)
+    assert math.isinf(free.budget) and len(free.keep) == 8
+    roomy = _branches_and_budget(PrefillView(64, np.array([0.9]), np.array([30.0])))
+    assert math.isfinite(roomy.budget) and len(roomy.keep) == 8
+    due = _branches_and_budget(PrefillView(64, np.array([0.9]), np.array([0.11])))
+    assert due.budget < 0 and len(due.keep) == 1  # only the group's base branch
+    # A queued request that is not latency-critical (no arrival listed) costs nothing.
+    none = _branches_and_budget(PrefillView(64, np.zeros(0), np.zeros(0)))
+    assert math.isinf(none.budget) and len(none.keep) == 8
+
+
+def test_a_running_critical_request_and_a_queued_one_the_tighter_wins():
+    ctl = Controller(TaperConfig(policy="taper"))
+    seqs = group_seqs(0, 4) + [ordinary("c", tpot=10.0, generated=1, first_token=1.0)]
+    loose = ctl.decide(make_view(seqs, now=1.0))
+    tight = ctl.decide(make_view(seqs, now=1.0, waiting=1, queued=PrefillView(
+        16, np.array([0.95]), np.array([0.2]))))
+    assert tight.budget < loose.budget
+
+
+def test_pd_multiplexing_is_refused_like_the_other_unsplittable_modes():
+    from types import SimpleNamespace
+
+    from sglang_taper.adapter.batch import unsupported
+
+    def sched(**args):
+        return SimpleNamespace(server_args=SimpleNamespace(**args),
+                               spec_algorithm=SimpleNamespace(is_none=lambda: True))
+
+    assert unsupported(sched()) is None
+    assert "pdmux" in unsupported(sched(enable_pdmux=True))
+    assert "mixed-chunk" in unsupported(sched(enable_mixed_chunk=True))
