@@ -168,11 +168,14 @@ class SchedulerHooks:
     def after_owning_rows(self, owners, checker, *args, **kwargs):
         # SGLang's busy-time KV conservation check counts the rows of requests in
         # running_batch/last_batch; between a step and the next pass the held part
-        # owns rows too.
+        # owns rows too. A streaming session's turn runs on the session's KV record,
+        # which the check counts as session-held already: leave it out, as SGLang does.
         rt = self.runtime
         if rt is not None and rt.held is not None:
             seen = {id(r) for r in owners}
-            owners.extend(r for r in rt.held.reqs if r.kv.holds_kv and id(r) not in seen)
+            sessions = {id(kv) for kv in checker.tree_cache.session_records().values()}
+            owners.extend(r for r in rt.held.reqs if r.kv.holds_kv and id(r) not in seen
+                          and id(r.kv) not in sessions)
         return owners
 
     def after_get_loads(self, snapshot, inquirer, *args, **kwargs):
