@@ -6,9 +6,11 @@ traceback.
 
     python -m bench.soak --minutes 30 [--policy taper] [--out soak.json]
 
-Exit status 0 when nothing was lost, KV went back to idle and the log has no
-traceback; 1 otherwise. RSS growth is reported, not judged (a warm allocator
-grows in its first minutes).
+Exit status 0 when nothing was lost, no request timed out on the client (a
+timeout means the load was more than the server sustains, so the run judged
+nothing), KV went back to idle and the log has no traceback; 1 otherwise.
+RSS growth is reported, not judged (a warm allocator grows in its first
+minutes).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class SoakReport:
     policy: str
     programs: int = 0  # mixed-workload programs run
     program_requests: int = 0  # their requests
-    lost: int = 0  # requests without a proper answer (transport error, timeout, bad status)
+    lost: int = 0  # requests without a proper answer (transport error, bad status, none)
     lost_examples: list[str] = field(default_factory=list)
+    timeouts: int = 0  # requests the client gave up on (the server was overloaded)
     aborted: int = 0  # chaos requests aborted on purpose, each answered "abort"
     disconnects: int = 0  # streams the client dropped mid-way
     bad_metadata: int = 0  # refused with HTTP 400, as they must be
@@ -58,7 +61,8 @@ class SoakReport:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.kv_back and self.tracebacks == 0 and not self.degraded
+        return (self.lost == 0 and self.timeouts == 0 and self.kv_back and self.tracebacks == 0
+                and not self.degraded)
 
 
 def _rss_mb(pid: int) -> float:
@@ -79,7 +83,12 @@ def _rss_mb(pid: int) -> float:
 
 
 def _lose(report: SoakReport, what: str) -> None:
-    report.lost += 1
+    """Count a request without its answer: a client timeout (an overloaded server,
+    so the run's load was too high to judge) apart from a loss."""
+    if "Timeout" in what or what.endswith(": timeout"):
+        report.timeouts += 1
+    else:
+        report.lost += 1
     if len(report.lost_examples) < 10:
         report.lost_examples.append(what)
 
@@ -92,12 +101,12 @@ async def _post(session, url: str, body: dict | None = None, timeout: float = 60
 
 async def _abort_one(session, url: str, rng: random.Random, report: SoakReport, k: int) -> None:
     """A tagged branch group; one of its branches is aborted mid-way by rid."""
-    width = rng.randint(2, 6)
+    width = rng.randint(2, 4)
     group = f"soak-abort-{k}"
     rids = [f"{group}-{b}" for b in range(width)]
     tasks = [asyncio.create_task(generate(
         session, url, f"Soak abort group {k}, branch {b}: " + "context " * rng.randint(4, 40),
-        rng.randint(64, 256), {"taper_group": group, "taper_branch": b, "taper_width": width},
+        rng.randint(32, 128), {"taper_group": group, "taper_branch": b, "taper_width": width},
         rid=rids[b])) for b in range(width)]
     await asyncio.sleep(rng.uniform(0.05, 1.0))
     victim = rng.randrange(width)
@@ -163,7 +172,7 @@ async def _chaos(url: str, until: float, rng: random.Random, report: SoakReport)
     async with aiohttp.ClientSession(connector=conn) as session:
         k, running = 0, set()
         while time.monotonic() < until:
-            await asyncio.sleep(rng.expovariate(1.0))  # about one event a second
+            await asyncio.sleep(rng.expovariate(0.5))  # about one event every two seconds
             k += 1
             kind = rng.choices(("abort", "disconnect", "bad", "pause", "flush"),
                                weights=(4, 2, 2, 1, 1))[0]
@@ -200,7 +209,7 @@ async def _soak(url: str, minutes: float, seed: int, rate: float, report: SoakRe
     until = time.monotonic() + 60 * minutes
     programs = _programs(minutes, seed, rate)
     (records, _), _ = await asyncio.gather(
-        replay(url, programs, max_concurrency=8, drain_timeout=300.0),
+        replay(url, programs, max_concurrency=4, drain_timeout=300.0),
         _chaos(url, until, rng, report))
     report.programs = len(records)
     for rec in records:
@@ -234,7 +243,7 @@ def _settle(url: str, timeout: float = 120.0) -> dict:
     return kv
 
 
-def run(minutes: float, policy: str = "taper", seed: int = 0, rate: float = 0.5,
+def run(minutes: float, policy: str = "taper", seed: int = 0, rate: float = 0.1,
         log_path: str | None = None) -> SoakReport:
     """Start a server (SGLang's busy-time KV check on), soak it, account."""
     from sglang_taper.server import ServerProcess
@@ -268,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=2.0, help="soak length (default 2)")
     ap.add_argument("--policy", default="taper", help="the server's policy (default taper)")
-    ap.add_argument("--rate", type=float, default=0.5,
-                    help="mixed-workload programs per second (default 0.5)")
+    ap.add_argument("--rate", type=float, default=0.1,
+                    help="mixed-workload programs per second (default 0.1: a load the "
+                         "2-core CPU engine sustains; the soak is not a throughput test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the report here as JSON")
     args = ap.parse_args(argv)
@@ -283,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(text)
-    print(f"[soak] {'OK' if report.ok else 'FAILED'}: lost {report.lost}, KV back "
+    print(f"[soak] {'OK' if report.ok else 'FAILED'}: lost {report.lost}, client timeouts "
+          f"{report.timeouts}, KV back "
           f"{report.kv_back}, RSS {report.rss_start_mb:.0f} -> {report.rss_end_mb:.0f} MB, "
           f"tracebacks {report.tracebacks}", flush=True)
     return 0 if report.ok else 1

@@ -17,9 +17,9 @@ def test_two_minutes_of_chaos_lose_nothing(server_pool):
 
     server_pool.close()  # the soak starts its own server: never two at once
     report = run(2.0, "taper", seed=0, log_path=str(LOG_DIR / "server-soak.log"))
-    assert report.lost == 0, report.lost_examples
+    assert report.lost == 0 and report.timeouts == 0, report.lost_examples
     assert report.programs > 0 and report.program_requests > report.programs
-    # The chaos really happened (about one event a second).
+    # The chaos really happened (about one event every two seconds).
     assert report.aborted > 0 and report.bad_metadata > 0 and report.pauses > 0
     assert report.kv_back, report.kv_idle
     assert report.tracebacks == 0 and not report.degraded

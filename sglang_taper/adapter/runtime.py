@@ -207,10 +207,13 @@ class SchedulerRuntime:
 
     def _queued(self) -> PrefillView | None:
         """The prefill waiting behind this step, with the latency-critical requests
-        waiting for it (their TTFT budgets the step), or None when none waits."""
+        waiting for it (their TTFT budgets the step), or None when none waits.
+        Per decode step, so no radix-cache match: the prefix lengths are those
+        SGLang's own prefill attempt found this pass (0 for a new request)."""
         if not self.scheduler.waiting_queue:
             return None
-        return self._waiting_prefill()
+        queued = self._waiting_prefill(match=False)
+        return queued if len(queued.arrival) else None
 
     def _keep_on_every_rank(self, reqs: list, now: float) -> tuple[np.ndarray | None, object]:
         """TP: the indices every rank keeps (None: all, this step) and this rank's
@@ -350,10 +353,11 @@ class SchedulerRuntime:
             self.stats.deferred_prefills += 1
         return deferred
 
-    def _waiting_prefill(self) -> PrefillView:
+    def _waiting_prefill(self, match: bool = True) -> PrefillView:
         """The prefill SGLang would build now, approximately: waiting requests in
-        queue order, their prompt tokens not in the radix cache, up to the
-        scheduler's per-step token budget; and the waiting critical requests."""
+        queue order, their prompt tokens not in the radix cache (matched now when
+        `match`, else as last matched), up to the scheduler's per-step token
+        budget; and the waiting critical requests."""
         from sglang.srt.mem_cache.common import match_kv_cache
 
         sched = self.scheduler
@@ -368,8 +372,8 @@ class SchedulerRuntime:
                 arrival.append(m.arrival)
                 ttft.append(m.ttft)
             if tokens < budget:
-                # What SGLang's FCFS policy does to every waiting request each pass.
-                match_kv_cache(req, sched.tree_cache)
+                if match:  # what SGLang's FCFS policy does to every waiting request each pass
+                    match_kv_cache(req, sched.tree_cache)
                 tokens += max(1, len(req.origin_input_ids) - req.prefix_len)
         return PrefillView(min(tokens, budget), np.asarray(arrival, dtype=np.float64),
                            np.asarray(ttft, dtype=np.float64))
