@@ -108,14 +108,17 @@ def ordinary(sid: str, *, tpot: float = 0.05, generated: int = 8, first_token: f
                tpot_slo=tpot, ttft_slo=ttft, arrival=arrival)
 
 
-def wait_idle(url: str, timeout: float = 60.0) -> dict:
+def wait_idle(url: str, timeout: float = 60.0, strict: bool = True) -> dict:
     """Wait until nothing runs, is held or is locked in the radix cache; returns
-    the server's KV figures (/taper/stats `kv`)."""
+    the server's KV figures (/taper/stats `kv`). After `timeout` seconds: raise,
+    or (`strict` False) return the figures as they are, for the caller to judge."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         kv = get_json(url + "/taper/stats")["kv"]
         if kv["running_reqs"] == 0 and kv["held_reqs"] == 0 and kv["protected"] == 0:
             return kv
         time.sleep(0.2)
+    if not strict:
+        return get_json(url + "/taper/stats")["kv"]
     raise AssertionError(f"server not idle after {timeout} s: "
                          f"{get_json(url + '/taper/stats')['kv']}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import LOG_DIR, generate, get_json, post, post_json
+from tests.conftest import LOG_DIR, generate, get_json, post, post_json, wait_idle
 
 # Each configuration's fixture starts three servers and runs every workload on
 # them inside the first test that asks for it: far past the default 900 s here.
@@ -285,17 +285,6 @@ class PolicyRun:
 COUNTERS = ("steps", "regulated_steps", "unsafe_steps", "held_branch_steps", "branch_steps")
 
 
-def _wait_idle(url: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        kv = get_json(url + "/taper/stats")["kv"]
-        if kv["running_reqs"] == 0 and kv["held_reqs"] == 0 and kv["protected"] == 0:
-            return kv
-        if time.monotonic() > deadline:
-            return kv
-        time.sleep(0.2)
-
-
 def _tracebacks(path) -> list[str]:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -318,7 +307,7 @@ def _run_policy(pool, policy: str, extra: list[str], env: dict, workloads: dict)
         try:
             before = get_json(srv.url + "/taper/stats")
             run.outputs[name], run.obs[name] = fn(srv.url)
-            _wait_idle(srv.url)
+            wait_idle(srv.url, strict=False)
             after = get_json(srv.url + "/taper/stats")
             run.deltas[name] = {k: after[k] - before[k] for k in COUNTERS}
         except Exception as e:  # keep going: the other workloads still tell something
@@ -329,7 +318,7 @@ def _run_policy(pool, policy: str, extra: list[str], env: dict, workloads: dict)
         run.seconds[name] = time.monotonic() - t0
     if srv.proc.poll() is None:
         try:
-            run.final_kv = _wait_idle(srv.url)
+            run.final_kv = wait_idle(srv.url, strict=False)
             run.final_stats = get_json(srv.url + "/taper/stats")
             out = generate(srv.url, "Still serving after the interactions?", 8)
             run.serving = out["meta_info"]["completion_tokens"] == 8
