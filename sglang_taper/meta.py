@@ -12,6 +12,9 @@ request arrives (HTTP 400 on bad input), the scheduler reads it.
     taper_critical  bool                latency-critical (default: true for ordinary
                                         requests, false for branches)
     taper_parent    str                 the enclosing group of a nested fork
+    taper_program   str, 1..128 chars   the program run the request belongs to (every
+                                        stage and branch of it): keeps a program on
+                                        one data-parallel rank
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "taper_tpot": (int, float),
     "taper_critical": (bool,),
     "taper_parent": (str,),
+    "taper_program": (str,),
 }
 
 
@@ -41,6 +45,7 @@ class BranchMeta:
     tpot: float | None = None  # seconds per token
     critical: bool | None = None
     parent: str | None = None
+    program: str | None = None
 
 
 def parse_meta(custom_params: Any) -> BranchMeta | None:
@@ -76,9 +81,10 @@ def parse_meta(custom_params: Any) -> BranchMeta | None:
                              f"got {values[k]!r}")
         if k in values:
             values[k] = float(values[k])
+    for k in ("group", "program"):
+        if k in values and not 1 <= len(values[k]) <= 128:
+            raise ValueError(f"custom_params['taper_{k}'] must be 1 to 128 characters")
     group = values.get("group")
-    if group is not None and not 1 <= len(group) <= 128:
-        raise ValueError("custom_params['taper_group'] must be 1 to 128 characters")
     if group is None and ({"branch", "width", "parent"} & values.keys()):
         raise ValueError("custom_params: taper_branch/taper_width/taper_parent need "
                          "taper_group")
@@ -91,7 +97,7 @@ def parse_meta(custom_params: Any) -> BranchMeta | None:
                          f"got {branch}")
     return BranchMeta(group=group, branch=branch, width=width, ttft=values.get("ttft"),
                       tpot=values.get("tpot"), critical=values.get("critical"),
-                      parent=values.get("parent"))
+                      parent=values.get("parent"), program=values.get("program"))
 
 
 def with_meta(custom_params: dict | None, **fields: Any) -> dict:

@@ -98,6 +98,38 @@ def _value(args: list[str], *flags: str) -> str | None:
     return None
 
 
+def _parallel_ranks(args: list[str]) -> int:
+    """Scheduler processes SGLang starts: dp x tp x pp."""
+    n = 1
+    for flags in (("--dp-size", "--data-parallel-size", "--dp"),
+                  ("--tp-size", "--tensor-parallel-size", "--tp"),
+                  ("--pp-size", "--pipeline-parallel-size")):
+        v = _value(args, *flags)
+        if v is not None:
+            try:
+                n *= int(v)
+            except ValueError:
+                raise ServeError(f"{flags[0]} must be an integer, got {v!r}") from None
+    return n
+
+
+def cpu_binding(ranks: int, cores: list[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for `ranks` CPU schedulers: the cores split into
+    contiguous shares, one per rank (a core shared round-robin when there are
+    fewer cores than ranks). SGLang's default binds a rank per NUMA node and
+    refuses more ranks than nodes."""
+    cores = sorted(cores)
+    if len(cores) < ranks:
+        return "|".join(str(cores[i % len(cores)]) for i in range(ranks))
+    shares = []
+    for i in range(ranks):
+        part = cores[i * len(cores) // ranks:(i + 1) * len(cores) // ranks]
+        contiguous = part[-1] - part[0] == len(part) - 1
+        shares.append(f"{part[0]}-{part[-1]}" if contiguous and len(part) > 1
+                      else ",".join(str(c) for c in part))
+    return "|".join(shares)
+
+
 def _looks_local(path: str) -> bool:
     """A hub id is `org/name`; anything else is meant as a local path."""
     return path.startswith(("/", ".", "~")) or path.count("/") != 1
@@ -160,6 +192,9 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
             if not _has(args, flag):
                 args += [flag] if value is None else [flag, value]
         env = assets.cpu_env(env)
+        ranks = _parallel_ranks(args)
+        if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_binding(ranks, list(os.sched_getaffinity(0)))
         if ns.taper_batch_invariant != "off":
             env[ENV_BATCH_INVARIANT] = "1"
             if not _has(argv, "--taper-row-tile"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +78,19 @@ class TaperStats:
         self.degraded: str | None = None  # why regulation turned itself off, or None
         self.faults = 0  # exceptions caught on the scheduler path (the first one degrades)
         self.rejected_steps = 0  # decode steps not learnt from (spanned a pause, outlier)
+        self.requests = 0  # generation requests this scheduler took
+        # recent branch groups -> requests naming them that this scheduler took
+        # (n>1 warm-ups and frontend commits included): shows where groups ran
+        self.groups_seen: OrderedDict[str, int] = OrderedDict()
+        self._groups_cap = history * 2
+
+    def note_request(self, group: str | None) -> None:
+        self.requests += 1
+        if group is not None:
+            self.groups_seen[group] = self.groups_seen.get(group, 0) + 1
+            self.groups_seen.move_to_end(group)
+            if len(self.groups_seen) > self._groups_cap:
+                self.groups_seen.popitem(last=False)
 
     def record(self, rec: StepRecord, widths: dict[str, int] | None, kept_ids=None) -> None:
         self.steps += 1
@@ -124,6 +137,8 @@ class TaperStats:
             "degraded": self.degraded is not None,
             "degraded_reason": self.degraded,
             "faults": self.faults,
+            "requests_attached": self.requests,
+            "groups_seen": dict(self.groups_seen),
         }
         if self.history:
             last = self.history[-1]
@@ -140,3 +155,46 @@ class TaperStats:
             f"pred_err={1e3 * self.abs_err_sum / max(1, self.err_n):.2f}ms "
             f"({100 * self.rel_err_sum / max(1, self.err_n):.1f}%)"
         )
+
+
+_SUMMED = ("steps", "regulated_steps", "unsafe_steps", "deferred_prefills",
+           "held_branch_steps", "branch_steps", "faults", "requests_attached")
+
+
+def aggregate_ranks(ranks: list[dict]) -> dict:
+    """One figure set for a server with several DP ranks (each rank's own
+    `TaperStats.to_dict`, plus the runtime's status): counters summed, the widest
+    group kept, histograms and groups merged, degraded if any rank is; the
+    per-rank figures stay under `dp_ranks`."""
+    ranks = sorted(ranks, key=lambda r: (r.get("dp_rank") is None, r.get("dp_rank") or 0))
+
+    def total(key: str) -> int:
+        return sum(int(r.get(key) or 0) for r in ranks)
+
+    out: dict = {"policy": ranks[0].get("policy") if ranks else None,
+                 "dp_size": len(ranks)}
+    for key in _SUMMED:
+        out[key] = total(key)
+    out["mean_branch_width"] = out["branch_steps"] / max(1, out["regulated_steps"])
+    out["max_group_width"] = max((int(r.get("max_group_width") or 0) for r in ranks), default=0)
+    hist: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    for r in ranks:
+        for k, v in (r.get("group_width_histogram") or {}).items():
+            hist[k] = hist.get(k, 0) + v
+        for k, v in (r.get("groups_seen") or {}).items():
+            groups[k] = groups.get(k, 0) + v
+    out["group_width_histogram"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+    out["groups_seen"] = groups
+    out["degraded"] = any(r.get("degraded") for r in ranks)
+    out["degraded_reason"] = next((r["degraded_reason"] for r in ranks
+                                   if r.get("degraded_reason")), None)
+    out["regulating"] = all(r.get("regulating", False) for r in ranks)
+    kv: dict = {}
+    for r in ranks:
+        for k, v in (r.get("kv") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                kv[k] = kv.get(k, 0) + v
+    out["kv"] = kv  # summed over ranks
+    out["dp_ranks"] = ranks
+    return out

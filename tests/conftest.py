@@ -29,7 +29,7 @@ class ServerPool:
         self.starts: dict[tuple, float] = {}
 
     def get(self, args: Sequence[str] = (), cmd: Sequence[str] | None = None,
-            env: dict[str, str] | None = None):
+            env: dict[str, str] | None = None, start_timeout: float = 180.0):
         from sglang_taper.server import ServerProcess
 
         key = (tuple(args), tuple(cmd or ()), tuple(sorted((env or {}).items())))
@@ -39,7 +39,7 @@ class ServerPool:
         name = "-".join(a.strip("-").replace(":", "") for a in args)[:60] or "default"
         server = ServerProcess(args, cmd=cmd, env=env,
                                log_path=LOG_DIR / f"server-{name}-{len(self.starts)}.log")
-        server.start()
+        server.start(start_timeout)
         self.starts[key] = server.start_seconds
         self.current, self.key = server, key
         return server

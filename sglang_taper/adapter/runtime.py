@@ -147,6 +147,9 @@ class SchedulerRuntime:
         if len(self.groups) > MAX_GROUPS:
             self.groups.prune(self._live_groups())
         meta = req._taper = parse_request(req, self.config, self.groups)
+        custom = req.sampling_params.custom_params
+        group = custom.get("taper_group") if isinstance(custom, dict) else None
+        self.stats.note_request(group if isinstance(group, str) else meta.group)
         return meta
 
     def _live_groups(self) -> set[str]:
@@ -402,6 +405,7 @@ class SchedulerRuntime:
         ctl = self.controller
         pred = ctl.predictor
         return {
+            "dp_rank": _dp_rank(),
             "kv": self.kv_figures(),
             "enabled": True,
             "regulating": not self.disabled,
@@ -438,6 +442,12 @@ def _parse_fault(spec: str | None) -> tuple[str | None, int]:
     if point not in FAULT_POINTS:
         raise ValueError(f"TAPER_INJECT_FAULT: {point!r} is not one of {FAULT_POINTS}")
     return point, int(at or 1)
+
+
+def _dp_rank() -> int | None:
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().dp_rank
 
 
 def _batch_invariant() -> bool:

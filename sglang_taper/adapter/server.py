@@ -9,6 +9,7 @@ import uuid
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sglang_taper.meta import parse_meta, with_meta
+from sglang_taper.stats import aggregate_ranks
 
 logger = logging.getLogger("sglang_taper")
 
@@ -69,7 +70,10 @@ def _after_normalize(result, obj, *args, **kwargs):
     return result
 
 
-async def _stats_endpoint(history: int = 0):
+async def _stats_endpoint(history: int = 0, groups: int = 0):
+    """TAPER's figures. With several DP ranks: summed over ranks, each rank's own
+    under `dp_ranks`. `history=1`: the recent steps; `groups=1`: the recent branch
+    groups and how many of their requests each rank took."""
     from fastapi.responses import JSONResponse
     from sglang.srt.entrypoints.http_server import _global_state
 
@@ -80,7 +84,12 @@ async def _stats_endpoint(history: int = 0):
         if not history:
             t.pop("history", None)
         ranks.append(t)
-    return JSONResponse(ranks[0] if len(ranks) == 1 else {"dp_ranks": ranks})
+    out = ranks[0] if len(ranks) == 1 else aggregate_ranks(ranks)
+    if not groups:
+        out.pop("groups_seen", None)
+        for t in ranks:
+            t.pop("groups_seen", None)
+    return JSONResponse(out)
 
 
 def _after_tokenizer_init(result, manager, *args, **kwargs):
