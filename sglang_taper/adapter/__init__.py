@@ -1,7 +1,8 @@
 """Every access to SGLang internals (sglang==0.5.23) lives in this package:
 `scheduler` (per-step admission hooks), `server` (request validation, n>1
-groups, /taper/stats), `dp` (group-affine data-parallel dispatch), `metrics` (Prometheus), `frontend` (the endpoint that
-tags fork branches). When SGLang changes, this package is what changes."""
+groups, /taper/stats), `dp` (group-affine data-parallel dispatch), `metrics`
+(Prometheus), `frontend` (the endpoint that tags fork branches). When SGLang
+changes, this package is what changes."""
 
 from __future__ import annotations
 

@@ -58,6 +58,14 @@ def split(batch, keep: np.ndarray, held: np.ndarray):
     return out
 
 
+def unsplit(batch, held, keep: np.ndarray, held_idx: np.ndarray) -> None:
+    """Undo `split`: put `held` back into `batch` in the batch's original order
+    (under TP every rank must hold the same sequences in the same rows)."""
+    batch.merge_batch(held)
+    order = np.argsort(np.concatenate([keep, held_idx]), kind="stable")
+    batch.filter_batch(keep_indices=order.tolist())
+
+
 def merge(running_batch, held):
     """Put a held part back; returns the running batch to use."""
     if held is None or held.is_empty():

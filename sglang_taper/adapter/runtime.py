@@ -181,28 +181,72 @@ class SchedulerRuntime:
         if self.disabled:
             return
         reqs = batch.reqs
-        if not any(m is not None and m.group is not None
-                   for m in (getattr(r, "_taper", None) for r in reqs)):
+        if self.tp_size > 1:
+            # Whether to take part in this step's collectives must not depend on
+            # anything a rank can get wrong alone (its attach may have failed).
+            if not any(_names_group(r) for r in reqs):
+                return
+        elif not any(m is not None and m.group is not None
+                     for m in (getattr(r, "_taper", None) for r in reqs)):
             return
         if surgery.unsafe_to_split(batch):
             self.stats.unsafe_steps += 1
             return
         now = time.monotonic()
         if self.tp_size > 1:
-            keep, view = self._keep_on_every_rank(reqs, now)
-            if keep is None:
-                return
-            decision = None
-        else:
-            view = self._view(reqs, now)
-            self._inject("decide")
-            decision = self.controller.decide(view)
-            keep = decision.keep
+            self._regulate_tp(batch, reqs, now)
+            return
+        view = self._view(reqs, now)
+        self._inject("decide")
+        decision = self.controller.decide(view)
+        keep = decision.keep
         if len(keep) < len(reqs):
-            held = decision.held if decision is not None else surgery.complement(keep, len(reqs))
             self._inject("split")
-            self.held = surgery.split(batch, keep, held)
+            self.held = surgery.split(batch, keep, decision.held)
         self._pending = (batch, decision, view, keep)
+
+    def _regulate_tp(self, batch, reqs: list, now: float) -> None:
+        """Tensor parallelism: every rank must run the same batch. Rank 0's decision
+        is broadcast; then, on a step that splits, the ranks confirm that every one
+        of them split (and that none has a fault to announce) before any runs: if
+        one did not, every rank puts its batch back as it was and all stop
+        regulating at this step."""
+        keep, view = self._keep_on_every_rank(reqs, now)
+        if keep is None or len(keep) == len(reqs):
+            if keep is not None:
+                self._pending = (batch, None, view, keep)
+            return
+        held_idx = surgery.complement(keep, len(reqs))
+        held, failure = None, None
+        try:
+            self._inject("split")
+            held = surgery.split(batch, keep, held_idx)
+        except Exception as e:  # noqa: BLE001 (agreed on below)
+            failure = e
+        failed = self._ranks_in_trouble(failure is not None or self._degrade_next is not None)
+        if failed:
+            if held is not None:
+                surgery.unsplit(batch, held, keep, held_idx)
+            if failure is not None:
+                self.degrade("split", failure, agreed=True)
+            self.degrade("split (TP)", None, agreed=True, reason=self._degrade_next or (
+                f"a fault on TP rank(s) {failed}; every rank runs whole"))
+            return
+        self.held = held
+        self._pending = (batch, None, view, keep)
+
+    def _ranks_in_trouble(self, mine: bool) -> list[int]:
+        """TP: the ranks (in the group) that report trouble; every rank calls this
+        on the same steps (those whose agreed decision splits)."""
+        import torch
+        import torch.distributed as dist
+        from sglang.srt.runtime_context import get_parallel
+
+        group = get_parallel().tp_group
+        flags = torch.zeros(len(group.ranks), dtype=torch.int32)
+        flags[group.rank_in_group] = int(mine)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group.cpu_group)
+        return flags.nonzero().flatten().tolist()
 
     def _view(self, reqs: list, now: float):
         return live_view(reqs, self._metas(reqs, now), now, len(self.scheduler.waiting_queue),
@@ -238,8 +282,24 @@ class SchedulerRuntime:
         def broadcast(payload: list) -> list:
             return broadcast_pyobj(payload, group.rank, group.cpu_group, src=group.ranks[0])
 
+        def counted(fn: Callable) -> Callable:
+            def run():
+                try:
+                    return fn()
+                except Exception:
+                    self.stats.faults += 1  # agree_on_keep logs it and tells every rank
+                    raise
+            return run
+
         self._rank0_decision = None
-        keep, reason = agree_on_keep(is_rank0, decide, broadcast, self._degrade_next)
+        try:
+            keep, reason = agree_on_keep(is_rank0, counted(decide), broadcast, self._degrade_next)
+        except Exception as e:
+            # The collective itself failed: the group is broken, and another
+            # attempt could only block. Off on this rank, whatever the others do.
+            self.stats.faults += 1
+            self.disabled = f"the TP broadcast failed ({type(e).__name__}: {e})"
+            raise
         if reason is not None:
             self.degrade("decide (TP rank 0)", None, reason=reason, agreed=True)
             return None, None
@@ -442,6 +502,14 @@ def _parse_fault(spec: str | None) -> tuple[str | None, int]:
     if point not in FAULT_POINTS:
         raise ValueError(f"TAPER_INJECT_FAULT: {point!r} is not one of {FAULT_POINTS}")
     return point, int(at or 1)
+
+
+def _names_group(req) -> bool:
+    """The request's own metadata names a branch group (read from what every TP
+    rank received alike, not from what this rank attached)."""
+    custom = req.sampling_params.custom_params
+    return (isinstance(custom, dict) and "taper_group" in custom
+            and req.sampling_params.max_new_tokens != 0)
 
 
 def _dp_rank() -> int | None:
