@@ -9,6 +9,10 @@ policies apart. Live and simulated figures are printed side by side.
 
 With --sweep auto (or a list of rates): each policy's highest rate at >= 95%
 attainment is found live, by bisection, on its own fresh server, per seed.
+
+With --base-url: the running server, or `taper router` in front of several,
+as it is (its own policy, no simulation): calibrated, then the workload at
+--request-rate (or the sweep), each program's requests under one routing key.
 """
 
 from __future__ import annotations
@@ -67,7 +71,11 @@ class LiveBench:
     # ----------------------------------------------------------- servers
 
     def server(self, policy: str):
-        from bench.live import LiveServer
+        from bench.live import ExternalServer, LiveServer
+
+        if self.ns.base_url:
+            return ExternalServer(self.ns.base_url, self.context,
+                                  samples=self.ns.calibration_samples)
 
         # The controller orders branches by the same stage deadline the SLO uses.
         args = ["--taper-branch-stretch", str(self.spec.stretch), *self.ns.serve_args]
@@ -143,6 +151,26 @@ class LiveBench:
                         lambda rate, srv=srv, seed=seed: self.probe(srv, seed, rate), spec)
         self.result["sweep"] = aggregate(self.result["runs"], same_as=same_as)
 
+    def external(self) -> None:
+        """--base-url: the running server (or router) at one rate, or swept, per seed."""
+        sweep = options.parse_sweep(self.ns.sweep)
+        with self.server("external") as srv:
+            self.calibrated(srv)
+            for seed in self.seeds:
+                cap = self.result["capacity_programs_per_s"][seed]
+                if sweep is None:
+                    rate = options.parse_rate(self.ns.request_rate or HEADLINE_LOAD).resolve(cap)
+                    self.result["runs"].append(self.probe(srv, seed, rate))
+                    continue
+                start = options.parse_rate(self.ns.request_rate
+                                           or options.DEFAULT_RATE).resolve(cap)
+                spec = (SweepSpec(start=start) if sweep == "auto"
+                        else SweepSpec(grid=tuple(r.resolve(cap) for r in sweep)))
+                self.result["runs"] += sweep_one(
+                    lambda rate, seed=seed: self.probe(srv, seed, rate), spec)
+        if sweep is not None:
+            self.result["sweep"] = aggregate(self.result["runs"])
+
     def headline(self, policies: list[str] | None) -> None:
         """Calibrate, simulate the max rates on the live-fitted model, then run the
         policies live at one load (a share of the measured capacity)."""
@@ -214,7 +242,9 @@ def _config(ns) -> dict:
 def run_bench(ns) -> dict:
     bench = LiveBench(ns)
     chosen = options.policies(ns) if ns.policies != HEADLINE else None
-    if ns.sweep:
+    if ns.base_url:
+        bench.external()
+    elif ns.sweep:
         bench.sweep(chosen or options.policies(argparse.Namespace(policies=SWEEP_POLICIES)))
     else:
         bench.headline(chosen)
@@ -241,6 +271,8 @@ def main(argv: list[str]) -> int:
                    help="write every run's program records (JSONL) to the result dir")
     p.add_argument("--calibration-samples", type=int, default=10,
                    help="lone requests timed on each fresh server (at least 10)")
+    p.add_argument("--base-url", help="benchmark this running server, or a `taper router`, "
+                   "as it is, instead of a fresh server per policy (--policies is ignored)")
     p.add_argument("serve_args", nargs=argparse.REMAINDER,
                    help="after --, arguments for every `taper serve`")
     ns = p.parse_args(argv)
@@ -254,6 +286,8 @@ def main(argv: list[str]) -> int:
             options.validate(ns, live=True)
         else:
             options.validate(argparse.Namespace(**{**vars(ns), "policies": "taper"}), live=True)
+        if ns.base_url and ns.serve_args:
+            raise ValueError("--base-url uses a running server: no `taper serve` arguments")
         if ns.dataset and not Path(ns.dataset).is_file():
             raise ValueError(f"--dataset: no such file: {ns.dataset}")
     except ValueError as e:

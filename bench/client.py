@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from sglang_taper.meta import as_label
+from sglang_taper.router import ROUTING_KEY_HEADER
+
 
 @dataclass(slots=True)
 class Completion:
@@ -38,18 +41,24 @@ class Completion:
 
 async def generate(session: aiohttp.ClientSession, url: str, text: str, max_tokens: int,
                    custom_params: dict | None = None, temperature: float = 0.0,
-                   rid: str | None = None, timeout: float = 600.0) -> Completion:
+                   rid: str | None = None, timeout: float = 600.0,
+                   routing_key: str | None = None) -> Completion:
     """Stream one generation; never raises for server or network errors (they
-    land in `Completion.error`)."""
+    land in `Completion.error`). `routing_key`: the program the request belongs
+    to, for SGLang's router (sent in its header; a single server ignores it)."""
     sp = {"max_new_tokens": max_tokens, "temperature": temperature, "ignore_eos": True}
     if custom_params:
         sp["custom_params"] = custom_params
     body = {"text": text, "sampling_params": sp, "stream": True}
+    label = as_label(custom_params)
+    if label is not None:  # SGLang's router keeps custom_labels, not custom_params
+        body["custom_labels"] = label
     if rid is not None:
         body["rid"] = rid
     c = Completion(start=time.monotonic())
     try:
-        async with session.post(url + "/generate", json=body,
+        headers = {ROUTING_KEY_HEADER: routing_key} if routing_key else None
+        async with session.post(url + "/generate", json=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:
                 c.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"

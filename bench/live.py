@@ -19,7 +19,9 @@ figures are kept in the result, so drift of the machine shows.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import numpy as np
 
 from bench.calibration import REF_BATCH, spread
 from bench.client import generate
-from bench.server_stats import StatsClient, delta
+from bench.server_stats import COUNTERS, StatsClient, delta
 
 WARM_TOKENS = 16
 CAL_TOKENS = 32  # output tokens of each calibration request
@@ -152,20 +154,91 @@ class LiveServer:
     def run(self, programs, spec, drain: float, progress=None) -> dict:
         """Replay `programs` from a clean slate; the run's records, summary and
         the server's figures over exactly this run."""
-        from bench.metrics import request_tpot, summarize
-        from bench.replay import replay
+        return run_programs(self.url, [self.url], programs, spec, drain, progress)
 
-        stats = StatsClient(self.url)
-        before = stats.clean_slate()
-        records, samples = asyncio.run(replay(self.url, programs, progress=progress,
-                                              drain_timeout=drain))
-        stats.wait_idle()
-        server = delta(before, stats.get())
-        return {"records": records, "summary": summarize(records, spec), "server": server,
-                "tpots_ms": [round(1e3 * t, 4) for p in records for r in p.requests
-                             if r.role == "serial" and (t := request_tpot(r.token_times))
-                             is not None],
-                "width_series": _width_series(samples)}
+
+class ExternalServer:
+    """A running server, or a router in front of several (`taper bench --base-url`):
+    warmed up and calibrated like a fresh server, never started or stopped here.
+    Its policy is whatever it runs. Through a router the calibration's requests
+    are spread as the router spreads requests without a routing key; the server
+    figures are the sum over the workers the router lists (GET /workers)."""
+
+    def __init__(self, url: str, context: int, samples: int = 10,
+                 label: str = "external") -> None:
+        self.url = url.rstrip("/")
+        self.policy = label
+        self.context = context
+        self.samples = samples
+        self.calibration: dict | None = None
+        self.start_s = 0.0
+        self.stats_urls: list[str] = []
+
+    def __enter__(self) -> ExternalServer:
+        self.stats_urls = stats_urls(self.url)
+        asyncio.run(_warm_up(self.url))
+        self.calibration = asyncio.run(_calibrate(self.url, self.context, self.samples))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def run(self, programs, spec, drain: float, progress=None) -> dict:
+        return run_programs(self.url, self.stats_urls, programs, spec, drain, progress)
+
+
+def stats_urls(url: str) -> list[str]:
+    """Where a run's server figures come from: the server itself, or the workers
+    of a router (sglang-router lists them at /workers); [] if none answers."""
+    if StatsClient(url).try_get():
+        return [url]
+    try:
+        with urllib.request.urlopen(url + "/workers", timeout=10) as r:
+            workers = [w["url"] for w in json.loads(r.read()).get("workers", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [w for w in workers if StatsClient(w).try_get()]
+
+
+def run_programs(url: str, figure_urls: list[str], programs, spec, drain: float,
+                 progress=None) -> dict:
+    """Replay `programs` against `url` from a clean slate on every server of
+    `figure_urls`; the records, the summary and the servers' figures of this run."""
+    from bench.metrics import request_tpot, summarize
+    from bench.replay import replay
+
+    clients = [StatsClient(u) for u in figure_urls]
+    before = [c.clean_slate() for c in clients]
+    records, samples = asyncio.run(replay(url, programs, progress=progress,
+                                          drain_timeout=drain))
+    for c in clients:
+        c.wait_idle()
+    server = merge_figures([delta(b, c.get()) for b, c in zip(before, clients)])
+    return {"records": records, "summary": summarize(records, spec), "server": server,
+            "tpots_ms": [round(1e3 * t, 4) for p in records for r in p.requests
+                         if r.role == "serial" and (t := request_tpot(r.token_times))
+                         is not None],
+            "width_series": _width_series(samples)}
+
+
+def merge_figures(figures: list[dict]) -> dict:
+    """One run's figures over several servers: counters and width histograms
+    summed, each server's own figures under "workers"; one server's as they are."""
+    if len(figures) == 1:
+        return figures[0]
+    if not figures:
+        return {}
+    out: dict = {k: sum(f.get(k, 0) for f in figures) for k in COUNTERS}
+    hist: dict[str, int] = {}
+    for f in figures:
+        for w, n in f.get("group_width_histogram", {}).items():
+            hist[w] = hist.get(w, 0) + n
+    out["group_width_histogram"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+    out["max_group_width"] = max(f.get("max_group_width", 0) for f in figures)
+    out["mean_width"] = (out["branch_steps"] / out["regulated_steps"]
+                         if out["regulated_steps"] else None)
+    out["workers"] = figures
+    return out
 
 
 def _width_series(samples: list[dict]) -> list[tuple[float, float]]:

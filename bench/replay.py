@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import aiohttp
 
@@ -23,11 +24,11 @@ def _rel(c: Completion, t0: float, stage: int, branch: int, role: str) -> Reques
 
 
 async def _stage(session, url: str, prog: Program, si: int, stage: Stage, context: str,
-                 t0: float, rec: ProgramRecord) -> str:
+                 t0: float, rec: ProgramRecord, key: str) -> str:
     slo = {"taper_ttft": prog.ttft_slo, "taper_tpot": prog.tpot_slo}
     start = time.monotonic()
     if stage.kind == "serial":
-        c = await generate(session, url, context, stage.tokens[0], slo)
+        c = await generate(session, url, context, stage.tokens[0], slo, routing_key=key)
         rec.requests.append(_rel(c, t0, si, -1, "serial"))
         rec.stages.append(StageRecord(si, "serial", start - t0, time.monotonic() - t0, 1,
                                       stage.tokens[0], 0.0))
@@ -39,13 +40,13 @@ async def _stage(session, url: str, prog: Program, si: int, stage: Stage, contex
 
     async def branch(b: int) -> str:
         c = await generate(session, url, context + f"\nBranch {b + 1}:", stage.tokens[b],
-                           meta(b))
+                           meta(b), routing_key=key)
         rec.requests.append(_rel(c, t0, si, b, "branch"))
         if stage.kind != "tools" or c.error:
             return c.text
         await asyncio.sleep(stage.tool_delay)  # the tool call: the model waits
         text = context + f"\nBranch {b + 1}:" + c.text + f"\nTool result {b + 1}:"
-        r = await generate(session, url, text, stage.read_tokens[b], meta(b))
+        r = await generate(session, url, text, stage.read_tokens[b], meta(b), routing_key=key)
         rec.requests.append(_rel(r, t0, si, b, "read"))
         return c.text + r.text
 
@@ -59,7 +60,9 @@ async def _stage(session, url: str, prog: Program, si: int, stage: Stage, contex
 
 
 async def run_program(session: aiohttp.ClientSession, url: str, prog: Program, t0: float,
-                      sem: asyncio.Semaphore | None) -> ProgramRecord:
+                      sem: asyncio.Semaphore | None, run_id: str = "") -> ProgramRecord:
+    """Run one program; every request of it carries the routing key `run_id-pid`
+    (a router keeps the program on one worker; a fresh run places it anew)."""
     delay = t0 + prog.arrival - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
@@ -71,7 +74,8 @@ async def run_program(session: aiohttp.ClientSession, url: str, prog: Program, t
         rec.start = time.monotonic() - t0
         context = prog.prompt
         for si, stage in enumerate(prog.stages):
-            context = await _stage(session, url, prog, si, stage, context, t0, rec)
+            context = await _stage(session, url, prog, si, stage, context, t0, rec,
+                                   f"{run_id}-{prog.pid}")
             errors = [r.error for r in rec.requests if r.error]
             if errors:
                 rec.error = errors[0]
@@ -102,7 +106,8 @@ async def replay(url: str, programs: list[Program], max_concurrency: int | None 
         samples: list[dict] = []
         t0 = time.monotonic()
         poller = asyncio.create_task(StatsClient(url).poll(session, t0, samples, poll))
-        tasks = {asyncio.create_task(run_program(session, url, p, t0, sem)): p
+        run_id = uuid.uuid4().hex[:8]
+        tasks = {asyncio.create_task(run_program(session, url, p, t0, sem, run_id)): p
                  for p in programs}
         deadline = t0 + max((p.arrival for p in programs), default=0.0) + drain_timeout
         records = []

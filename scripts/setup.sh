@@ -18,7 +18,7 @@ if [ "$(cat "$VENV/.taper-installed" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing sglang-taper and its pinned dependencies (a few minutes cold) ..."
     start=$SECONDS
     if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
-           "$VENV/bin/python" -m pip install -e ".[dev,bench]"; } >"$log" 2>&1; then
+           "$VENV/bin/python" -m pip install -e ".[dev,bench,router]"; } >"$log" 2>&1; then
         grep -v "^WARNING: Location" "$log" | tail -30
         echo "[setup] pip failed; full log in $log" >&2
         exit 1

@@ -1,4 +1,4 @@
-"""The `taper` command. Its own subcommands (setup, serve, demo) live here;
+"""The `taper` command. Its own subcommands (setup, serve, router, demo) live here;
 others are plugged in by entry points of the group `taper.commands` (the
 benchmarks register `bench`, `sim` and `profile` there), so this package never
 imports the benchmarks."""
@@ -38,9 +38,16 @@ def _serve(argv: list[str]) -> int:
     return serve(argv)
 
 
+def _router(argv: list[str]) -> int:
+    from sglang_taper.router import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "setup": (_setup, "build local assets (CPU libcuda stand-in, tiny model)"),
     "serve": (_serve, "start the SGLang server with TAPER enabled"),
+    "router": (_router, "start SGLang's router in front of taper workers, a program per worker"),
 }
 
 

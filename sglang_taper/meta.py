@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 PREFIX = "taper_"
+# The same keys, as one JSON string, in the request's `custom_labels` under this
+# name: the field SGLang's router (sglang-router 0.3.2) passes through on
+# /generate, where it drops `sampling_params.custom_params`. The server moves
+# them back into custom_params before anything reads them.
+LABEL = "taper"
 _TYPES: dict[str, tuple[type, ...]] = {
     "taper_group": (str,),
     "taper_branch": (int,),
@@ -107,3 +112,31 @@ def with_meta(custom_params: dict | None, **fields: Any) -> dict:
         if v is not None:
             out[PREFIX + k] = v
     return out
+
+
+def taper_keys(custom_params: dict | None) -> dict:
+    """The `taper_*` entries of `custom_params`."""
+    return {k: v for k, v in (custom_params or {}).items()
+            if isinstance(k, str) and k.startswith(PREFIX)}
+
+
+def as_label(custom_params: dict | None) -> dict[str, str] | None:
+    """`custom_labels` carrying the TAPER keys of `custom_params` (None if none)."""
+    import json
+
+    keys = taper_keys(custom_params)
+    return {LABEL: json.dumps(keys, separators=(",", ":"))} if keys else None
+
+
+def from_label(value) -> dict:
+    """The TAPER keys carried in `custom_labels[LABEL]`; ValueError if malformed."""
+    import json
+
+    try:
+        keys = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        keys = None
+    if not isinstance(keys, dict) or any(not str(k).startswith(PREFIX) for k in keys):
+        raise ValueError(f"custom_labels[{LABEL!r}] must be a JSON object of taper_* keys, "
+                         f"got {value!r:.80}")
+    return keys

@@ -28,6 +28,20 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM the process group `proc` leads; SIGKILL it after `timeout` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
 class ServerProcess:
     """One server: `taper serve ...` by default, or any SGLang command line.
 
@@ -89,16 +103,7 @@ class ServerProcess:
             return False
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        except ProcessLookupError:
-            pass
+        stop_group(self.proc, timeout)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

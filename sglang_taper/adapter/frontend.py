@@ -9,22 +9,49 @@ this backend.
 Serial stages (the program's own generations before a fork and after a join)
 are ordinary, latency-critical requests; branch generations are branch work.
 Nested forks form their own groups, with `taper_parent` naming the outer one.
+
+Every request of one program run (all its stages, every branch of every fork,
+nested ones too) carries the run's id in the routing-key header, so that
+SGLang's router (`taper router`, policy manual) keeps the whole program on one
+worker. A single server ignores the header.
 """
 
 from __future__ import annotations
 
+import json
+import ssl
 import threading
+import urllib.error
+import urllib.request
 import uuid
 
+import requests
+from sglang.lang.backend import runtime_endpoint
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.interpreter import StreamExecutor
-from sglang.utils import http_request
+from sglang.utils import HttpResponse, http_request
 
-from sglang_taper.meta import with_meta
+from sglang_taper.meta import as_label, with_meta
+from sglang_taper.router import ROUTING_KEY_HEADER
 
 _ATTR = "_taper_branch"  # (group, index, width, parent group) on a forked StreamExecutor
+_PROGRAM = "_taper_program"  # the program run's id, on its root executor and every fork
 _patch_lock = threading.Lock()
 _patched = False
+# The routing key of the next request this thread sends: set by TaperEndpoint
+# right before RuntimeEndpoint's POST (each executor runs in its own thread),
+# taken by that POST.
+_next_key = threading.local()
+
+
+def program_key(s: StreamExecutor) -> str:
+    """The id of the program run `s` belongs to: its root executor's session id,
+    which every fork (nested ones, fork(1), copy()) inherits."""
+    key = getattr(s, _PROGRAM, None)
+    if key is None:
+        key = f"prog-{s.sid}"
+        setattr(s, _PROGRAM, key)
+    return key
 
 
 def _patch_fork() -> None:
@@ -44,6 +71,9 @@ def _patch_fork() -> None:
             exes = original(self, size, position_ids_offset)
             if not isinstance(self.backend, TaperEndpoint):
                 return exes
+            key = program_key(self)
+            for exe in exes:
+                setattr(exe, _PROGRAM, key)
             tag = getattr(self, _ATTR, None)
             if len(exes) == 1:
                 if tag is not None:
@@ -56,7 +86,38 @@ def _patch_fork() -> None:
 
         fork.__wrapped__ = original
         StreamExecutor.fork = fork
+        plain = runtime_endpoint.http_request
+
+        def keyed_http_request(url, json=None, stream=False, api_key=None, verify=None,
+                               method=None):
+            key = getattr(_next_key, "key", None)
+            if key is None:
+                return plain(url, json=json, stream=stream, api_key=api_key, verify=verify,
+                             method=method)
+            _next_key.key = None
+            return _http_request(url, json, stream, api_key, verify, method,
+                                 {ROUTING_KEY_HEADER: key})
+
+        keyed_http_request.__wrapped__ = plain
+        runtime_endpoint.http_request = keyed_http_request
         _patched = True
+
+
+def _http_request(url, body, stream, api_key, verify, method, extra: dict[str, str]):
+    """sglang.utils.http_request (which RuntimeEndpoint calls for every request)
+    with extra headers, which it has no parameter for."""
+    headers = {"Content-Type": "application/json; charset=utf-8", **extra}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
+    if stream:
+        return requests.post(url, json=body, stream=True, headers=headers)
+    req = urllib.request.Request(url, headers=headers, method=method)
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else None
+    try:
+        return HttpResponse(urllib.request.urlopen(req, data=data, context=context))
+    except urllib.error.HTTPError as e:
+        return HttpResponse(e)
 
 
 def _greedy(sp: dict) -> None:
@@ -73,14 +134,19 @@ class TaperEndpoint(RuntimeEndpoint):
     ttft, tpot: the program's SLOs in seconds, sent with every request
     (None: the server's defaults). critical_branches: mark branch requests
     latency-critical too (rarely wanted: it turns branches into serial work).
+    routing_key: send the program run's id in the routing-key header.
     """
 
+    routing_key = True
+
     def __init__(self, *args, ttft: float | None = None, tpot: float | None = None,
-                 critical_branches: bool = False, **kwargs) -> None:
+                 critical_branches: bool = False, routing_key: bool = True,
+                 **kwargs) -> None:
+        _patch_fork()  # before RuntimeEndpoint's first request
         super().__init__(*args, **kwargs)
         self.ttft, self.tpot = ttft, tpot
         self.critical_branches = critical_branches
-        _patch_fork()
+        self.routing_key = routing_key
 
     def cache_prefix(self, prefix_str: str) -> None:
         sp = {"max_new_tokens": 0}
@@ -94,6 +160,8 @@ class TaperEndpoint(RuntimeEndpoint):
         # The one call every generation path makes with the executor and the
         # request body in hand, right before the POST.
         super()._add_images(s, data)
+        if self.routing_key and isinstance(s, StreamExecutor):
+            _next_key.key = program_key(s)
         sp = data.get("sampling_params")
         if not isinstance(sp, dict):
             return
@@ -110,3 +178,7 @@ class TaperEndpoint(RuntimeEndpoint):
         if custom is not None and not isinstance(custom, dict):
             return
         sp["custom_params"] = with_meta(custom, **fields)
+        # SGLang's router drops custom_params on /generate but keeps custom_labels.
+        label = as_label(sp["custom_params"])
+        if label is not None:
+            data["custom_labels"] = {**(data.get("custom_labels") or {}), **label}

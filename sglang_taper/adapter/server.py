@@ -8,7 +8,7 @@ import uuid
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from sglang_taper.meta import parse_meta, with_meta
+from sglang_taper.meta import LABEL, from_label, parse_meta, with_meta
 from sglang_taper.stats import aggregate_ranks
 
 logger = logging.getLogger("sglang_taper")
@@ -62,6 +62,38 @@ def _tag_parallel_sampling(obj) -> None:
         sub.sampling_params = params[j]
 
 
+def _restore_labelled_meta(obj) -> None:
+    """Move TAPER keys carried in `custom_labels` (what passes through SGLang's
+    router, see meta.LABEL) into every prompt's `custom_params`; keys the request
+    carries in custom_params itself win. Malformed: ValueError (HTTP 400)."""
+    labels = getattr(obj, "custom_labels", None)
+    if not isinstance(labels, dict) or LABEL not in labels:
+        return
+    labels = dict(labels)
+    keys = from_label(labels.pop(LABEL))
+    obj.custom_labels = labels or None  # not a metrics label
+    params = obj.sampling_params
+    if params is None:
+        params = {}
+    if isinstance(params, dict):
+        obj.sampling_params = _with_keys(params, keys)
+    elif isinstance(params, list):
+        obj.sampling_params = [_with_keys(p, keys) if isinstance(p, dict) else p
+                               for p in params]
+
+
+def _with_keys(params: dict, keys: dict) -> dict:
+    custom = params.get("custom_params")
+    if custom is not None and not isinstance(custom, dict):
+        return params  # not an object: `verify` answers 400
+    return {**params, "custom_params": {**keys, **(custom or {})}}
+
+
+def _before_normalize(obj, *args, **kwargs):
+    _restore_labelled_meta(obj)  # a ValueError here is the client's HTTP 400
+    return None
+
+
 def _after_normalize(result, obj, *args, **kwargs):
     try:
         _tag_parallel_sampling(obj)
@@ -103,5 +135,6 @@ def _after_tokenizer_init(result, manager, *args, **kwargs):
 def install() -> None:
     HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify",
                           _after_verify, HookType.AFTER)
+    HookRegistry.register(_NORMALIZE, _before_normalize, HookType.BEFORE)
     HookRegistry.register(_NORMALIZE, _after_normalize, HookType.AFTER)
     HookRegistry.register(f"{_TM}.__init__", _after_tokenizer_init, HookType.AFTER)
