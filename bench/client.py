@@ -47,6 +47,8 @@ async def generate(session: aiohttp.ClientSession, url: str, text: str, max_toke
     land in `Completion.error`). `routing_key`: the program the request belongs
     to, for SGLang's router (sent in its header; a single server ignores it)."""
     sp = {"max_new_tokens": max_tokens, "temperature": temperature, "ignore_eos": True}
+    if routing_key:  # the program, also for group-affine DP inside one server
+        custom_params = {**(custom_params or {}), "taper_program": routing_key}
     if custom_params:
         sp["custom_params"] = custom_params
     body = {"text": text, "sampling_params": sp, "stream": True}

@@ -94,6 +94,11 @@ def test_every_group_on_one_rank(runs):
     # the n>1 warm-up (max_new_tokens 0) went with its 3 samples
     group = nsample[0]
     assert after[seen[group]]["groups_seen"][group] == 4
+    # the nested fork (an outer group of 2, two inner groups of 3; the fork_demo
+    # groups have 4 members) ran on one rank: its program and parent keys
+    nested = {rank for g, rank in seen.items() if g.startswith("f-")
+              and after[rank]["groups_seen"][g] in (2, 3)}
+    assert len(nested) == 1, seen
     # both ranks got groups: new groups went to the less loaded rank
     assert set(seen.values()) == {0, 1}
 

@@ -3,6 +3,7 @@ their copies, and the server-side tag of n>1 requests (one function each)."""
 
 from __future__ import annotations
 
+import json
 import pkgutil
 from types import SimpleNamespace
 
@@ -25,6 +26,15 @@ def test_prefix_warm_ups_are_greedy_and_untagged():
     data = {"text": "prefix", "sampling_params": {"max_new_tokens": 0}}
     _endpoint()._add_images(SimpleNamespace(images_=[]), data)
     assert data["sampling_params"] == {"max_new_tokens": 0, "temperature": 0.0}
+
+
+def test_a_programs_prefix_commit_names_only_its_program(executors):
+    ep, root = executors
+    data = {"text": "prefix", "sampling_params": {"max_new_tokens": 0}}
+    ep._add_images(root, data)
+    custom = data["sampling_params"]["custom_params"]
+    assert custom == {"taper_program": f"prog-{root.sid}"}  # placed with it, not a branch
+    assert json.loads(data["custom_labels"]["taper"]) == custom  # what a router passes on
 
 
 def test_generations_keep_their_sampling_and_carry_the_slo():
@@ -149,3 +159,27 @@ def test_n_1_and_invalid_custom_params_are_left_alone():
         assert odd[0].sampling_params["custom_params"] == custom
     with pytest.raises(ValueError, match="custom_params must be a JSON object"):
         parse_meta("x")
+
+
+def test_the_server_restores_keys_carried_in_custom_labels():
+    """What passes through SGLang's router (custom_labels) becomes custom_params
+    again, on every prompt; the request's own custom_params win; the label is
+    not left behind as a metrics label; a malformed one is the client's 400."""
+    obj = SimpleNamespace(custom_labels={"taper": json.dumps({"taper_group": "g",
+                                                              "taper_width": 2}),
+                                         "team": "a"},
+                          sampling_params=[{"max_new_tokens": 4},
+                                           {"custom_params": {"taper_width": 3}}])
+    server._restore_labelled_meta(obj)
+    assert obj.custom_labels == {"team": "a"}
+    assert obj.sampling_params[0]["custom_params"] == {"taper_group": "g", "taper_width": 2}
+    assert obj.sampling_params[1]["custom_params"] == {"taper_group": "g", "taper_width": 3}
+    bare = SimpleNamespace(custom_labels={"taper": '{"taper_group": "h"}'},
+                           sampling_params=None)
+    server._restore_labelled_meta(bare)
+    assert bare.sampling_params == {"custom_params": {"taper_group": "h"}}
+    assert bare.custom_labels is None
+    for bad in ("not json", '["taper_group"]', '{"group": "g"}'):
+        with pytest.raises(ValueError, match="custom_labels"):
+            server._restore_labelled_meta(SimpleNamespace(custom_labels={"taper": bad},
+                                                          sampling_params={}))

@@ -165,17 +165,21 @@ class TaperEndpoint(RuntimeEndpoint):
         sp = data.get("sampling_params")
         if not isinstance(sp, dict):
             return
+        # Every request names its program run: DP ranks and router workers keep a
+        # program (its prefix commits too) in one place.
+        fields = {"program": program_key(s) if isinstance(s, StreamExecutor) else None}
         if sp.get("max_new_tokens") == 0:  # prefix caching / scoring, not a generation
             _greedy(sp)
-            return
-        branch = getattr(s, _ATTR, None)
-        fields = {"ttft": self.ttft, "tpot": self.tpot}
-        if branch is not None:
-            group, index, width, parent = branch
-            fields.update(group=group, branch=index, width=width, parent=parent,
-                          critical=True if self.critical_branches else None)
+        else:
+            fields.update(ttft=self.ttft, tpot=self.tpot)
+            branch = getattr(s, _ATTR, None)
+            if branch is not None:
+                group, index, width, parent = branch
+                fields.update(group=group, branch=index, width=width, parent=parent,
+                              critical=True if self.critical_branches else None)
         custom = sp.get("custom_params")
-        if custom is not None and not isinstance(custom, dict):
+        if (custom is not None and not isinstance(custom, dict)
+                or all(v is None for v in fields.values())):
             return
         sp["custom_params"] = with_meta(custom, **fields)
         # SGLang's router drops custom_params on /generate but keeps custom_labels.
