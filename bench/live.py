@@ -210,7 +210,7 @@ def run_programs(url: str, figure_urls: list[str], programs, spec, drain: float,
     clients = [StatsClient(u) for u in figure_urls]
     before = [c.clean_slate() for c in clients]
     records, samples = asyncio.run(replay(url, programs, progress=progress,
-                                          drain_timeout=drain))
+                                          drain_timeout=drain, stats_urls=figure_urls))
     for c in clients:
         c.wait_idle()
     server = merge_figures([delta(b, c.get()) for b, c in zip(before, clients)])

@@ -4,6 +4,7 @@ its arrival time and runs its stages, recording every request and stage."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -11,7 +12,7 @@ import aiohttp
 
 from bench.client import Completion, generate
 from bench.records import ProgramRecord, RequestRecord, StageRecord
-from bench.server_stats import StatsClient
+from bench.server_stats import COUNTERS
 from bench.workload import Program, Stage
 
 
@@ -89,10 +90,32 @@ async def run_program(session: aiohttp.ClientSession, url: str, prog: Program, t
     return rec
 
 
+async def _poll(session, urls: list[str], t0: float, out: list, period: float) -> None:
+    """Like StatsClient.poll, with the counters summed over `urls` (a router's
+    workers): a sample every `period` seconds in which every server answered."""
+    async def one(u: str) -> dict | None:
+        try:
+            async with session.get(u + "/taper/stats",
+                                   timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return json.loads(await r.text()) if r.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    while True:
+        stats = await asyncio.gather(*(one(u) for u in urls))
+        if all(st is not None for st in stats):
+            out.append({"t": time.monotonic() - t0,
+                        **{k: sum(st.get(k, 0) for st in stats) for k in COUNTERS}})
+        await asyncio.sleep(period)
+
+
 async def replay(url: str, programs: list[Program], max_concurrency: int | None = None,
-                 progress=None, poll: float = 0.5, drain_timeout: float = 120.0
+                 progress=None, poll: float = 0.5, drain_timeout: float = 120.0,
+                 stats_urls: list[str] | None = None
                  ) -> tuple[list[ProgramRecord], list[dict]]:
-    """Run every program; returns their records and the server's stats samples.
+    """Run every program; returns their records and the server's stats samples
+    (the counters summed over `stats_urls`, default `url`: a router has no
+    /taper/stats of its own, its workers do).
 
     A program still running `drain_timeout` seconds after the last arrival is
     cut off (recorded with error "timeout") and the server's requests are
@@ -105,7 +128,7 @@ async def replay(url: str, programs: list[Program], max_concurrency: int | None 
         sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         samples: list[dict] = []
         t0 = time.monotonic()
-        poller = asyncio.create_task(StatsClient(url).poll(session, t0, samples, poll))
+        poller = asyncio.create_task(_poll(session, stats_urls or [url], t0, samples, poll))
         run_id = uuid.uuid4().hex[:8]
         tasks = {asyncio.create_task(run_program(session, url, p, t0, sem, run_id)): p
                  for p in programs}
