@@ -1,7 +1,9 @@
 """`taper sim`: the workload in the simulator under each policy.
 
 A discrete-event engine driven by the real controller, with a step-time cost
-model; the same sweep, metrics and report as `taper bench`."""
+model; the same sweep, metrics and report as `taper bench`. With `--replicas N`,
+N such engines behind a router (`--routing`, bench/sim/replicas.py); rates and
+capacity are then the whole deployment's."""
 
 from __future__ import annotations
 
@@ -42,8 +44,12 @@ def _setup(ns, seed: int) -> dict:
     cal = getattr(ns, "calibration", None) or from_cost(cost, mean_context(progs))
     ttft, tpot = options.slo_seconds(options.goodput(ns), cal)
     return {"cost": cost, "programs": with_slo(progs, ttft, tpot), "calibration": cal,
-            "capacity": capacity(cal, progs), "ttft": ttft, "tpot": tpot,
+            "capacity": capacity(cal, progs) * _replicas(ns), "ttft": ttft, "tpot": tpot,
             "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed)}
+
+
+def _replicas(ns) -> int:
+    return getattr(ns, "replicas", 1)
 
 
 _CACHE: dict = {}
@@ -61,7 +67,14 @@ def _probe(ns, seed: int, policy: str, rate: float) -> dict:
     spec = options.slo_spec(ns)
     t0 = time.monotonic()
     base = TaperConfig(branch_stretch=spec.stretch).updated(ns.controller)
-    out = simulate(at_rate(st["programs"], 1.0, rate), st["cost"], policy, base, st["sim"])
+    progs = at_rate(st["programs"], 1.0, rate)
+    if _replicas(ns) > 1:
+        from bench.sim.replicas import simulate_replicas
+
+        out = simulate_replicas(progs, st["cost"], policy, ns.replicas, ns.routing, base,
+                                st["sim"])
+    else:
+        out = simulate(progs, st["cost"], policy, base, st["sim"])
     summary = summarize(out["records"], spec)
     return {"policy": policy, "seed": seed, "rate": rate, "load": rate / st["capacity"],
             "tpot_slo": st["tpot"], "ttft_slo": st["ttft"], "summary": summary,
@@ -92,6 +105,15 @@ def sweep_spec(ns, cap: float) -> SweepSpec:
     return SweepSpec(grid=tuple(r.resolve(cap) for r in sweep))
 
 
+def default_kv_capacity(ns) -> None:
+    """--kv-capacity when not given: 65536 tokens for a linear (CPU) model, else 400000."""
+    if ns.kv_capacity is None:
+        from bench.sim import cost as costs
+
+        linear = costs.load(ns.cost_model).name.startswith("linear")
+        ns.kv_capacity = 65536 if linear else 400_000
+
+
 def run_sim(ns, calibration: dict | None = None) -> dict:
     """Every (policy, seed) of the command line, in parallel worker processes.
     `calibration`: measured isolated figures and capacity to use instead of the
@@ -99,11 +121,7 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
     from bench.sim.bound import max_rate_bound
 
     ns.calibration = calibration
-    if ns.kv_capacity is None:
-        from bench.sim import cost as costs
-
-        linear = costs.load(ns.cost_model).name.startswith("linear")
-        ns.kv_capacity = 65536 if linear else 400_000
+    default_kv_capacity(ns)
     seeds = options.seeds(ns)
     policies = options.policies(ns)
     spec_slo = options.slo_spec(ns)
@@ -125,8 +143,9 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
             for out in pool.map(_task, tasks):
                 runs += out
     longest = {s: max(allowance(p, spec_slo) for p in firsts[s]["programs"]) for s in seeds}
-    bound = {s: max_rate_bound(firsts[s]["programs"], firsts[s]["cost"], firsts[s]["sim"],
-                               longest[s]) for s in seeds}
+    # N engines do N times the work in the same window: the relaxation scales.
+    bound = {s: _replicas(ns) * max_rate_bound(firsts[s]["programs"], firsts[s]["cost"],
+                                               firsts[s]["sim"], longest[s]) for s in seeds}
     return {
         "kind": "sim",
         "config": {k: v for k, v in vars(ns).items() if k != "func"},
@@ -157,6 +176,15 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per CPU)")
     p.add_argument("--quiet", action="store_true", help="no line per probe")
+    from bench.sim.replicas import ROUTINGS
+
+    p.add_argument("--replicas", type=int, default=1,
+                   help="servers behind a router, each with its own controller, KV and prefix "
+                   "cache (default 1); --request-rate and capacity are then the deployment's")
+    p.add_argument("--routing", default="group_affine", choices=list(ROUTINGS),
+                   help="with --replicas > 1: round_robin (every request in turn), "
+                   "least_loaded (every request to the fewest unfinished), group_affine "
+                   "(a program to one replica, the least loaded; default)")
 
 
 def main(argv: list[str]) -> int:
@@ -165,6 +193,8 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     try:
         options.validate(ns, live=False)
+        if ns.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {ns.replicas}")
         from controller import TaperConfig
 
         TaperConfig().updated(ns.controller)

@@ -19,6 +19,13 @@ same order a list of running requests would have. The per-step work is then a
 few array operations over the batch, and Python work is per request admitted or
 finished, not per request per step. `_live` maps a running request's id back to
 its object for when it finishes.
+
+Two halves, so that several engines can serve one set of programs
+(bench/sim/replicas.py): `Programs` is the programs' side (arrivals, stages,
+fork and join, tool waits, records), which hands each request it issues to
+`_submit`; `Engine` is one server's side (its waiting queue, running set, KV,
+clock, controller), which reports each request it finishes to `_finish`.
+`Simulator` is one of each: it submits to its own queue.
 """
 
 from __future__ import annotations
@@ -82,33 +89,16 @@ class _Prog:
     done: bool = False
 
 
-class Simulator:
-    def __init__(self, programs: list[Program], cost: CostModel, controller: Controller,
-                 config: SimConfig | None = None) -> None:
-        self.cfg = config or SimConfig()
-        self.cost = cost
-        self.ctl = controller
-        self.rng = np.random.default_rng(self.cfg.seed)
-        self.gap = self.cfg.gap if self.cfg.gap is not None else getattr(cost, "gap", 0.0)
-        self.t = 0.0
+class Programs:
+    """The programs' side: arrival events, stages, forks and joins, tool waits
+    and the records. A subclass says where a request goes (`_submit`)."""
+
+    def __init__(self, programs: list[Program]) -> None:
         self.events: list[tuple] = []  # (time, kind, id, payload)
-        self.waiting: deque[_Req] = deque()  # FIFO: admission pops from the left
-        self.running = RunningSet()
-        self._live: dict[int, _Req] = {}  # rid -> request, for those in `running`
-        # Only with cascade attention does a step's cost read the groups' shared
-        # prefixes (the cost models ignore `shared_unique` otherwise).
-        self._cascade = bool(getattr(controller.config, "cascade", False))
-        self.kv_used = 0
         self.records: list[ProgramRecord] = []
         self._next_rid = 0
         self._next_group = 0
         self._eid = 0
-        self.steps = {"prefill": 0, "decode": 0}
-        self.branch_steps = 0
-        self.held_steps = 0
-        self.deferred_prefills = 0  # passes where the controller chose decode over prefill
-        self._gated = controller.gates_prefill
-        self.decode_time = 0.0
         for p in programs:
             self._push(p.arrival, _ARRIVAL, p)
 
@@ -118,14 +108,12 @@ class Simulator:
         self._eid += 1
         heapq.heappush(self.events, (t, kind, self._eid, payload))
 
-    def _fire_due(self) -> None:
-        while self.events and self.events[0][0] <= self.t:
-            t, kind, _, payload = heapq.heappop(self.events)
-            if kind == _ARRIVAL:
-                self._arrive(payload, t)
-            else:
-                *args, own = payload
-                self._issue(*args, at=t, own=own)
+    def _fire(self, t: float, kind: int, payload) -> None:
+        if kind == _ARRIVAL:
+            self._arrive(payload, t)
+        else:
+            *args, own = payload
+            self._issue(*args, at=t, own=own)
 
     def _arrive(self, spec: Program, t: float) -> None:
         rec = ProgramRecord(spec.pid, spec.kind, spec.arrival, t, t, spec.ttft_slo,
@@ -167,8 +155,14 @@ class Simulator:
         r = _Req(self._next_rid, prog, stage, branch, role, max(1, uncached),
                  prog.context + (_BRANCH_PROMPT if branch >= 0 else 0) + own, max_new, at,
                  group, prog.spec.stages[stage].width if branch >= 0 else 1, prog.stage_start)
-        self.waiting.append(r)
+        self._submit(r, uncached)
         return r
+
+    def _submit(self, r: _Req, uncached: int) -> None:
+        """Send an issued request to an engine's waiting queue. `uncached`: its
+        prompt tokens in no engine's prefix cache (`r.new_tokens` is that, at
+        least 1, for an engine that holds the rest)."""
+        raise NotImplementedError
 
     def _finish(self, r: _Req, t: float, token_times: list[float]) -> None:
         prog = r.prog
@@ -201,7 +195,46 @@ class Simulator:
         prog.context += digest
         self._advance(prog, t, uncached=digest)
 
-    # ------------------------------------------------------------------ steps
+
+class Engine:
+    """One server's side: its waiting queue, running set, KV, clock and
+    controller, one scheduling pass at a time (`step`). A subclass is told of
+    each request it finishes (`_finish`, at `self.t`, seconds)."""
+
+    def __init__(self, cost: CostModel, controller: Controller,
+                 config: SimConfig | None = None) -> None:
+        self.cfg = config or SimConfig()
+        self.cost = cost
+        self.ctl = controller
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.gap = self.cfg.gap if self.cfg.gap is not None else getattr(cost, "gap", 0.0)
+        self.t = 0.0
+        self.waiting: deque[_Req] = deque()  # FIFO: admission pops from the left
+        self.running = RunningSet()
+        self._live: dict[int, _Req] = {}  # rid -> request, for those in `running`
+        # Only with cascade attention does a step's cost read the groups' shared
+        # prefixes (the cost models ignore `shared_unique` otherwise).
+        self._cascade = bool(getattr(controller.config, "cascade", False))
+        self.kv_used = 0
+        self.steps = {"prefill": 0, "decode": 0}
+        self.branch_steps = 0
+        self.held_steps = 0
+        self.deferred_prefills = 0  # passes where the controller chose decode over prefill
+        self._gated = controller.gates_prefill
+        self.decode_time = 0.0
+
+    def _finish(self, r: _Req, t: float, token_times: list[float]) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """One scheduling pass: a prefill step if one is admitted, else a decode
+        step; False when there is nothing to run."""
+        if self.waiting and self._prefill():
+            return True
+        if self.running:
+            self._decode()
+            return True
+        return False
 
     def _plan_prefill(self) -> tuple[int, int]:
         """How many waiting requests (FIFO) the next prefill step takes, and the
@@ -306,13 +339,24 @@ class Simulator:
                 self._release(r)
                 self._finish(r, self.t, token_times)
 
+
+class Simulator(Programs, Engine):
+    """One engine serving the programs: every request goes to its own queue."""
+
+    def __init__(self, programs: list[Program], cost: CostModel, controller: Controller,
+                 config: SimConfig | None = None) -> None:
+        Engine.__init__(self, cost, controller, config)
+        Programs.__init__(self, programs)
+
+    def _submit(self, r: _Req, uncached: int) -> None:
+        self.waiting.append(r)
+
     def run(self, max_steps: int = 50_000_000) -> list[ProgramRecord]:
         for _ in range(max_steps):
-            self._fire_due()
-            if self.waiting and self._prefill():
-                continue
-            if self.running:
-                self._decode()
+            while self.events and self.events[0][0] <= self.t:
+                t, kind, _, payload = heapq.heappop(self.events)
+                self._fire(t, kind, payload)
+            if self.step():
                 continue
             if not self.events:
                 break

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 
 from bench.sim.cost import CostModel
-from bench.sim.engine import SimConfig, Simulator
+from bench.sim.engine import Engine, SimConfig, Simulator
 from bench.workload import Program
 from controller import Controller, StepTimeModel, TaperConfig
 from controller.predictor import SCALE, features
@@ -50,9 +50,15 @@ def simulate(programs: list[Program], cost: CostModel, policy: str,
     ctl = make_controller(policy, cost, base)
     s = Simulator(programs, cost, ctl, sim)
     records = s.run()
-    return {"records": records,
-            "server": {"mean_width": s.branch_steps / max(1, s.steps["decode"]),
-                       "held_branch_steps": s.held_steps, "decode_steps": s.steps["decode"],
-                       "prefill_steps": s.steps["prefill"],
-                       "deferred_prefills": s.deferred_prefills, "decode_time_s": s.decode_time,
-                       "sim_end_s": s.t}}
+    return {"records": records, "server": server_figures([s], s.t)}
+
+
+def server_figures(engines: list[Engine], end: float) -> dict:
+    """The engines' step counters, summed (`mean_width`: branches per decode
+    step; `sim_end_s`: seconds, when the last step ended)."""
+    decode = sum(e.steps["decode"] for e in engines)
+    return {"mean_width": sum(e.branch_steps for e in engines) / max(1, decode),
+            "held_branch_steps": sum(e.held_steps for e in engines), "decode_steps": decode,
+            "prefill_steps": sum(e.steps["prefill"] for e in engines),
+            "deferred_prefills": sum(e.deferred_prefills for e in engines),
+            "decode_time_s": sum(e.decode_time for e in engines), "sim_end_s": end}
