@@ -91,9 +91,11 @@ def _controller(ranks: int):
     from sglang.srt.managers.data_parallel_controller import (
         DataParallelController,
         DPBudget,
+        LoadBalanceMethod,
     )
 
     ctl = DataParallelController.__new__(DataParallelController)
+    ctl.load_balance_method = LoadBalanceMethod.ROUND_ROBIN
     ctl.sent = []
     ctl.workers = [SimpleNamespace(rank=i) for i in range(ranks)]
     ctl._active_workers = list(range(ranks))
@@ -144,6 +146,18 @@ def test_dp_hook_routes_groups_through_sglangs_dispatch(monkeypatch):
     ctl.sent.clear()
     ctl.round_robin_scheduler(_req({"taper_group": "g"}, routed=0))
     assert [r for r, _ in ctl.sent] == [0]
+
+
+def test_dp_hook_leaves_pd_pairing_alone():
+    from sglang.srt.managers.data_parallel_controller import LoadBalanceMethod
+
+    from sglang_taper.adapter.dp import DPAffinity
+
+    ctl = _controller(2)
+    ctl.load_balance_method = LoadBalanceMethod.FOLLOW_BOOTSTRAP_ROOM
+    req = _req({"taper_group": "g"})
+    DPAffinity().before_route(ctl, req)
+    assert req.routed_dp_rank is None
 
 
 def test_dp_hook_failure_falls_back_to_sglang(monkeypatch):

@@ -6,8 +6,9 @@ names a program, group or parent group is sent to the rank its keys were placed
 on (`sglang_taper.affinity`), a new one to the least-loaded rank, where load is
 the ranks' own published figure (running + waiting requests; TAPER adds the
 branches held out of the step, scheduler.after_get_loads). Requests with no
-TAPER keys, health checks, and requests a client already pinned with
-`routed_dp_rank` are left to SGLang's method.
+TAPER keys, health checks, requests a client already pinned with
+`routed_dp_rank`, and every request under `follow_bootstrap_room` (PD
+disaggregation pairs ranks by it) are left to SGLang's method.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class DPAffinity:
         # Every dispatch method (round robin, total_requests, ...) first asks
         # maybe_external_dp_rank_routing whether the request names its rank;
         # naming it here makes that answer yes.
-        if self.failed or getattr(req, "routed_dp_rank", None) is not None:
+        if (self.failed or getattr(req, "routed_dp_rank", None) is not None
+                or controller.load_balance_method.name == "FOLLOW_BOOTSTRAP_ROOM"):
+            # PD disaggregation pairs prefill and decode ranks by the bootstrap room
             return None
         try:
             sp = getattr(req, "sampling_params", None)
