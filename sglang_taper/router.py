@@ -152,6 +152,20 @@ class RouterProcess:
         self.stop()
 
 
+def worker_args(serve_args: Sequence[str]) -> list[str]:
+    """`taper serve` arguments for workers started side by side. On the CPU
+    engine SGLang checks at start that the memory fraction leaves room for the
+    KV cache, and counts a sibling worker's allocation under way as used: the
+    0.05 default can fail when two load at once. The KV size there is
+    `--max-total-tokens`, so a larger fraction changes nothing else."""
+    from sglang_taper.cpu import assets
+
+    args = list(serve_args)
+    if not assets.has_gpu() and not _given(args, "--mem-fraction-static"):
+        args += ["--mem-fraction-static", "0.3"]
+    return args
+
+
 class Fleet:
     """`workers` fresh `taper serve` processes (started side by side) behind one
     router; or the router alone in front of `worker_urls`."""
@@ -164,7 +178,8 @@ class Fleet:
         if bool(workers) == bool(worker_urls):
             raise ValueError("give either a number of workers or worker URLs")
         self.log_dir = Path(log_dir)
-        self.servers = [ServerProcess(serve_args, log_path=self.log_dir / f"worker-{i}.log")
+        self.servers = [ServerProcess(worker_args(serve_args),
+                                      log_path=self.log_dir / f"worker-{i}.log")
                         for i in range(workers)]
         urls = list(worker_urls) or [s.url for s in self.servers]
         self.router = RouterProcess(urls, host=host, port=port, router_args=router_args,

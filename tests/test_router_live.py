@@ -36,6 +36,17 @@ needs_router = pytest.mark.skipif(not HAVE_ROUTER, reason="sglang-router is not 
 # ------------------------------------------------------------ without a server
 
 
+def test_cpu_workers_started_together_get_room_for_the_memory_check():
+    from sglang_taper.cpu import assets
+
+    if assets.has_gpu():
+        pytest.skip("the CPU engine's setting")
+    assert taper_router.worker_args(["--taper-policy", "off"])[-2:] == [
+        "--mem-fraction-static", "0.3"]
+    mine = ["--mem-fraction-static=0.1"]
+    assert taper_router.worker_args(mine) == mine
+
+
 def test_router_command_sets_affinity_defaults_and_the_users_flags_win():
     cmd = router_command(["http://a:1", "http://b:2"], "127.0.0.1", 30000,
                          ["--assignment-mode", "random", "--cb-failure-threshold=5"])
