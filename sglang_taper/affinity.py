@@ -106,12 +106,15 @@ class Placement:
             if where is not None and where in allowed:  # else that replica left
                 known[(kind, key)] = where
         where = next(iter(known.values()), None)
-        if where is None:
+        fresh = where is None
+        if fresh:
             where = min(active, key=lambda r: (loads[r] + self._pending.get(r, 0.0), r))
             self.new += 1
         if keys.group is not None and ("group", keys.group) not in known:
             # A new group brings its whole width to the replica.
             self._pending[where] = self._pending.get(where, 0.0) + max(1, keys.width)
+        elif fresh:  # a new program (its first request): at least that request
+            self._pending[where] = self._pending.get(where, 0.0) + 1.0
         for kind, key in (("group", keys.group), ("program", keys.program),
                           ("group", keys.parent)):
             if key is not None and (kind, key) not in known:

@@ -54,6 +54,13 @@ def test_a_burst_of_groups_spreads_before_loads_are_reported():
     assert p.place(Keys(group="g6", width=4), [0.0, 0.0], [0, 1]) == 0
 
 
+def test_a_burst_of_new_programs_spreads_too():
+    # Programs open with an untagged stage or a prefix commit: only the program key.
+    p = Placement()
+    where = [p.place(Keys(program=f"p{i}"), [0.0, 0.0], [0, 1]) for i in range(6)]
+    assert where == [0, 1, 0, 1, 0, 1]
+
+
 def test_a_replica_that_left_loses_its_groups():
     p = Placement()
     assert p.place(Keys(group="g"), [0, 1], [0, 1]) == 0
