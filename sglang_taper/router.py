@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sglang_taper.serve import has_flag
 from sglang_taper.server import ServerProcess, free_port, log_tail, stop_group
 
 # The header sglang-router reads for sticky routing (policy `manual`).
@@ -72,10 +73,6 @@ def require_router() -> None:
         raise RouterMissing(f"sglang-router is not installed; {INSTALL_HINT}")
 
 
-def _given(args: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in args)
-
-
 def router_command(worker_urls: Sequence[str], host: str, port: int,
                    router_args: Sequence[str] = ()) -> list[str]:
     """The `python -m sglang_router.launch_router` command line: our defaults for
@@ -83,9 +80,9 @@ def router_command(worker_urls: Sequence[str], host: str, port: int,
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", host,
            "--port", str(port), "--worker-urls", *worker_urls]
     for flag, value in ROUTER_DEFAULTS:
-        if not _given(router_args, flag):
+        if not has_flag(router_args, flag):
             cmd += [flag] if value is None else [flag, value]
-    if not _given(router_args, "--prometheus-port"):  # its default 29000 may be taken
+    if not has_flag(router_args, "--prometheus-port"):  # its default 29000 may be taken
         cmd += ["--prometheus-port", str(free_port())]
     return cmd + list(router_args)
 
@@ -161,7 +158,7 @@ def worker_args(serve_args: Sequence[str]) -> list[str]:
     from sglang_taper.cpu import assets
 
     args = list(serve_args)
-    if not assets.has_gpu() and not _given(args, "--mem-fraction-static"):
+    if not assets.has_gpu() and not has_flag(args, "--mem-fraction-static"):
         args += ["--mem-fraction-static", "0.3"]
     return args
 

@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _has(args: list[str], flag: str) -> bool:
+def has_flag(args: Sequence[str], flag: str) -> bool:
+    """`flag` was given, as `--flag v` or `--flag=v`."""
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
@@ -153,7 +155,7 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
                          f"which only the simulator has (taper sim)")
     if config.profile and not Path(config.profile).is_file():
         raise ServeError(f"--taper-profile: no such file: {config.profile}")
-    if _has(rest, "--enable-mixed-chunk") and config.policy != "eager":
+    if has_flag(rest, "--enable-mixed-chunk") and config.policy != "eager":
         raise ServeError(
             "--enable-mixed-chunk builds decode batches outside the step TAPER regulates; "
             "drop it, or use --taper-policy eager"
@@ -166,9 +168,9 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
     if model is not None:
         if _looks_local(model) and not Path(model).expanduser().exists():
             raise ServeError(f"--model-path: no such directory: {model}")
-    if config.cascade and not _has(args, "--attention-backend"):
+    if config.cascade and not has_flag(args, "--attention-backend"):
         args += ["--attention-backend", "taper_cascade" if cpu else "taper_cascade_flashinfer"]
-        if not cpu and not _has(args, "--disable-cuda-graph"):
+        if not cpu and not has_flag(args, "--disable-cuda-graph"):
             args.append("--disable-cuda-graph")  # cascade steps are eager-only
     env.pop(ENV_BATCH_INVARIANT, None)  # only this launcher's flags decide
     env.pop(ENV_SLOWDOWN, None)
@@ -176,7 +178,7 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         raise ServeError(f"--taper-slowdown must be >= 1, got {ns.taper_slowdown}")
     if ns.taper_slowdown > 1.0:
         # The forward must have finished when run_batch returns: no overlap loop.
-        if ns.taper_overlap or not (cpu or _has(args, "--disable-overlap-schedule")):
+        if ns.taper_overlap or not (cpu or has_flag(args, "--disable-overlap-schedule")):
             raise ServeError("--taper-slowdown needs the overlap scheduler off")
         env[ENV_SLOWDOWN] = repr(ns.taper_slowdown)
     if ns.taper_batch_invariant == "on" and not cpu:
@@ -189,7 +191,7 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
         for flag, value in CPU_DEFAULTS:
             if flag == "--disable-overlap-schedule" and ns.taper_overlap:
                 continue
-            if not _has(args, flag):
+            if not has_flag(args, flag):
                 args += [flag] if value is None else [flag, value]
         env = assets.cpu_env(env)
         ranks = _parallel_ranks(args)
@@ -197,7 +199,7 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_binding(ranks, list(os.sched_getaffinity(0)))
         if ns.taper_batch_invariant != "off":
             env[ENV_BATCH_INVARIANT] = "1"
-            if not _has(argv, "--taper-row-tile"):
+            if not has_flag(argv, "--taper-row-tile"):
                 # Batch-invariant GEMMs compute in 16-row tiles: step time is a
                 # staircase in the batch size, which the predictor then models.
                 config = replace(config, row_tile=16)
