@@ -13,12 +13,16 @@ Distributions (all uniform over the stated integer ranges, drawn from one
 seeded `numpy.random.Generator`):
 - arrivals: Poisson (exponential gaps, mean 1/rate) or bursty Gamma gaps with
   shape `burstiness` (< 1 is burstier than Poisson) and the same mean;
-- kind: chat with probability `chat_fraction`, else one of the branch programs
-  with equal weight;
+- kind: chat with probability `chat_fraction`, else one of the preset's branch
+  program kinds (`kinds`) with equal weight;
 - prompt tokens in `prompt_tokens`; chat output tokens in `chat_tokens`;
   serial-stage output tokens in `serial_tokens`; branch width in `width`;
   each branch's output tokens in `branch_tokens` (branches of one stage differ,
-  so a stage waits on its longest branch); tool delay in `tool_delay` seconds.
+  so a stage waits on its longest branch); tool delay in `tool_delay` seconds
+  (one delay per tool stage: the calls of a round run in parallel and the
+  round waits on them together); tool rounds per `agentic_tools` program in
+  `rounds` (each round: parallel tool calls, then a serial step that reads the
+  results).
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class WorkloadConfig:
     tpot_slo: float = 0.01  # seconds per token
     seed: int = 0
     length_scale: float = 1.0  # multiplies every token range above (at least 1 token)
+    kinds: tuple[str, ...] = KINDS  # the branch programs drawn (equal weight)
+    rounds: tuple[int, int] = (1, 1)  # tool rounds per agentic_tools program
 
     def __post_init__(self) -> None:
         if self.num_programs < 1:
@@ -103,8 +109,10 @@ class WorkloadConfig:
             raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
         if not self.length_scale > 0:
             raise ValueError(f"length_scale must be > 0, got {self.length_scale}")
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must be some of {', '.join(KINDS)}, got {self.kinds}")
         for name in ("prompt_tokens", "chat_tokens", "serial_tokens", "width",
-                     "branch_tokens", "tool_delay"):
+                     "branch_tokens", "tool_delay", "rounds"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must be a range 0 < lo <= hi, got {(lo, hi)}")
@@ -116,13 +124,29 @@ class WorkloadConfig:
         return max(1, round(lo * k)), max(1, round(hi * k))
 
 
-# Every preset is a complete WorkloadConfig; flags override single fields.
+# Every preset is a complete WorkloadConfig; flags override single fields. All
+# keep 60% chat requests with tight SLOs beside the branch programs: they are
+# the latency-sensitive traffic branch parallelism endangers.
 PRESETS: dict[str, WorkloadConfig] = {
-    # Contexts of 1-4K tokens, branch groups of 4-16 with 128-512 tokens each.
+    # Today's default: all five program kinds, contexts of 1-4K tokens, branch
+    # groups of 4-16 with 128-512 tokens each.
     "long-context": WorkloadConfig(),
     # The first default: short prompts, wide groups of short branches.
     "mixed": WorkloadConfig(prompt_tokens=(24, 96), chat_tokens=(32, 96),
                             serial_tokens=(16, 32), width=(16, 32), branch_tokens=(48, 128)),
+    # Parallel reasoning: a few long chains of thought over a long context.
+    "parallel-reasoning": WorkloadConfig(kinds=("parallel_reasoning",), width=(4, 8),
+                                         branch_tokens=(256, 1024),
+                                         prompt_tokens=(1024, 4096)),
+    # Self-consistency: many medium samples of one question, then a vote.
+    "self-consistency": WorkloadConfig(kinds=("self_consistency",), width=(16, 64),
+                                       branch_tokens=(64, 256), prompt_tokens=(512, 2048)),
+    # Agentic: 2-3 rounds of 2-6 parallel tool calls; each call's delay is
+    # uniform in 0.1-1.0 s (one per round), each call generates its arguments
+    # and then reads the result (32-128 tokens each).
+    "agentic": WorkloadConfig(kinds=("agentic_tools",), width=(2, 6), rounds=(2, 3),
+                              tool_delay=(0.1, 1.0), branch_tokens=(64, 256),
+                              prompt_tokens=(1024, 4096)),
 }
 DEFAULT_PRESET = "long-context"
 
@@ -150,7 +174,7 @@ def generate(cfg: WorkloadConfig) -> list[Program]:
     out = []
     for i, t in enumerate(arrivals):
         chat = rng.random() < cfg.chat_fraction
-        kind = "chat" if chat else KINDS[int(rng.integers(len(KINDS)))]
+        kind = "chat" if chat else cfg.kinds[int(rng.integers(len(cfg.kinds)))]
         n_prompt = int(ri(prompt_r))
         # Text from its own stream, so a trace's structure (kinds, lengths, arrivals)
         # does not depend on how many words its prompts took: a length-scaled trace
@@ -166,11 +190,17 @@ def generate(cfg: WorkloadConfig) -> list[Program]:
         if kind == "chat":
             stages = [Stage("serial", [int(ri(chat_r))])]
         elif kind == "agentic_tools":
-            w = int(ri(cfg.width))
             half = (max(1, branch_r[0] // 2), max(1, branch_r[1] // 2))
-            stages = [serial(), Stage("tools", ri(half, w).tolist(),
-                                      float(rng.uniform(*cfg.tool_delay)),
-                                      ri(half, w).tolist()), serial()]
+            # One round draws nothing extra, so single-round presets replay as before.
+            rounds = 1 if cfg.rounds == (1, 1) else int(ri(cfg.rounds))
+            stages = []
+            for r in range(rounds):
+                w = int(ri(cfg.width))
+                if r == 0:
+                    stages.append(serial())
+                stages += [Stage("tools", ri(half, w).tolist(),
+                                 float(rng.uniform(*cfg.tool_delay)),
+                                 ri(half, w).tolist()), serial()]
         elif kind == "tree_of_thought":
             stages = [serial(), parallel(), serial(), parallel(), serial()]
         else:
