@@ -28,7 +28,7 @@ from pathlib import Path
 from bench import options, report
 from bench.calibration import capacity, mean_context
 from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
-from bench.workload import at_rate, generate, load_jsonl, save_jsonl, with_slo
+from bench.workload import at_rate, save_jsonl, with_slo
 
 SWEEP_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper"
 HEADLINE = "headline"  # --policies default: off, eager, the simulator's best cap, taper
@@ -56,8 +56,15 @@ class LiveBench:
         self.ns = ns
         self.spec = options.slo_spec(ns)
         self.seeds = options.seeds(ns)
-        self.programs = {s: (load_jsonl(ns.dataset) if ns.dataset
-                             else generate(options.workload_config(ns, s))) for s in self.seeds}
+        loaded = {s: options.load_programs(ns, s) for s in self.seeds}
+        self.programs = {s: progs for s, (progs, _) in loaded.items()}
+        self.trace = loaded[self.seeds[0]][1]  # what a trace dataset is, else None
+        options.apply_time_scale(ns, self.trace)
+        if self.trace:
+            _log(f"trace {self.trace['format']}:{self.trace['path']}: "
+                 f"{self.trace['requests']} requests, native rate "
+                 f"{self.trace['native_rate'] or float('inf'):.3g}/s, predicted prefix-cache "
+                 f"hit rate {100 * self.trace['predicted_hit_rate']:.1f}%")
         if ns.save_trace:
             save_jsonl(self.programs[self.seeds[0]], ns.save_trace)
         self.context = mean_context(self.programs[self.seeds[0]])
@@ -67,6 +74,8 @@ class LiveBench:
         self.result: dict = {"kind": "live", "config": _config(ns),
                              "workload": asdict(options.workload_config(ns)),
                              "versions": report.versions(), "runs": []}
+        if self.trace:
+            self.result["trace"] = self.trace
 
     # ----------------------------------------------------------- servers
 
@@ -193,7 +202,8 @@ class LiveBench:
         rate = options.parse_rate(self.ns.request_rate or HEADLINE_LOAD).resolve(cap)
         self.result["headline_rate"] = {
             "rate": rate, "load": rate / cap,
-            "source": "--request-rate" if self.ns.request_rate else
+            "source": ("--time-scale" if getattr(self.ns, "time_scale", None) else
+                       "--request-rate") if self.ns.request_rate else
             f"default: {HEADLINE_LOAD} of capacity, where the policies separate live"}
         _log(f"live runs at {rate:.3g} programs/s: {', '.join(policies)}")
         for policy in policies:
@@ -288,8 +298,6 @@ def main(argv: list[str]) -> int:
             options.validate(argparse.Namespace(**{**vars(ns), "policies": "taper"}), live=True)
         if ns.base_url and ns.serve_args:
             raise ValueError("--base-url uses a running server: no `taper serve` arguments")
-        if ns.dataset and not Path(ns.dataset).is_file():
-            raise ValueError(f"--dataset: no such file: {ns.dataset}")
     except ValueError as e:
         print(f"taper bench: error: {e}", file=sys.stderr)
         return 2

@@ -7,9 +7,18 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
+from bench import traces
 from bench.metrics import SLO_MODES, SLOSpec
-from bench.workload import DEFAULT_PRESET, PRESETS, WorkloadConfig
+from bench.workload import (
+    DEFAULT_PRESET,
+    PRESETS,
+    Program,
+    WorkloadConfig,
+    generate,
+    load_jsonl,
+)
 
 DEFAULT_RATE = "50%"  # of the engine's measured capacity for the workload
 DEFAULT_GOODPUT = ("ttft:10x", "tpot:1.5x")  # taper sim (the H200 model)
@@ -95,6 +104,15 @@ def _range(kind):
     return parse
 
 
+class _Given(argparse.Action):
+    """Store the value and note that the flag was given (`<dest>_given`), so a
+    default can be told apart from the same value typed."""
+
+    def __call__(self, parser, ns, values, option_string=None) -> None:
+        setattr(ns, self.dest, values)
+        setattr(ns, f"{self.dest}_given", True)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -118,14 +136,16 @@ def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
                    help=f"workload preset (default {DEFAULT_PRESET}); the flags below "
                    "override single fields of it")
     p.add_argument("--length-scale", type=float, default=default_length_scale,
-                   help="multiply every token length of the preset (default: "
+                   help="multiply every token length of the preset or trace (default: "
                    f"{default_length_scale or 1})")
     p.add_argument("--num-prompts", type=int, help="programs (chat requests and branch "
-                   "programs) in the trace")
-    p.add_argument("--request-rate", default=default_rate,
+                   "programs) in the workload; with a trace dataset, its first N requests "
+                   "(default: all)")
+    p.add_argument("--request-rate", default=default_rate, action=_Given,
                    help="programs/s (0.6), or a share of the engine's measured capacity "
                    f"for this workload (50%%); with --sweep auto the first rate tried "
                    f"(default {(default_rate or 'see below').replace('%', '%%')})")
+    p.set_defaults(request_rate_given=False)
     p.add_argument("--burstiness", type=float,
                    help="Gamma shape of the arrival gaps; 1.0 is Poisson, < 1 burstier")
     p.add_argument("--seed", type=int, default=0, help="seed of the trace")
@@ -154,7 +174,20 @@ def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
     p.add_argument("--drain", type=float, default=SLOSpec().drain,
                    help="seconds after the last arrival before unfinished programs are cut "
                    "off as failed; also closes the goodput window")
-    p.add_argument("--dataset", help="replay this trace (JSONL) instead of generating one")
+    p.add_argument("--dataset", metavar="[FORMAT:]PATH",
+                   help="replay this instead of generating a workload: a JSONL of programs "
+                   "(--save-trace writes one), or a request trace FORMAT:PATH with FORMAT "
+                   f"one of {', '.join(traces.FORMATS)} (bench/README.md, Replaying traces); "
+                   "--num-prompts then takes its first N requests (default: all) and "
+                   "--length-scale scales its token lengths")
+    p.add_argument("--time-scale", type=float, metavar="K",
+                   help="trace datasets only, instead of --request-rate: replay at the "
+                   "trace's own pace stretched K times, i.e. at its native rate / K "
+                   "programs/s (1: real time, 0.1: ten times faster)")
+    p.add_argument("--branch-fraction", type=float, metavar="F",
+                   help="trace datasets only: share (0-1) of the trace's requests replayed "
+                   "as branch programs over the same prompt, drawn with --seed; the others "
+                   f"are chat requests (default {traces.BRANCH_FRACTION})")
     p.add_argument("--save-trace", help="write the generated trace (JSONL) here")
     p.add_argument("--sweep", help="auto: find each policy's highest rate at >= 95%% "
                    "attainment by bisection (to 5%%); or rates to test, e.g. 25%%,50%%,75%% "
@@ -179,6 +212,71 @@ def workload_config(ns, seed: int | None = None) -> WorkloadConfig:
     return replace(base, **over, rate=1.0, seed=ns.seed if seed is None else seed)
 
 
+def _trace_spec(ns) -> tuple[str, Path] | None:
+    return traces.parse_spec(ns.dataset) if getattr(ns, "dataset", None) else None
+
+
+def branch_fraction(ns) -> float:
+    f = getattr(ns, "branch_fraction", None)
+    return traces.BRANCH_FRACTION if f is None else f
+
+
+def load_programs(ns, seed: int | None = None) -> tuple[list[Program], dict | None]:
+    """The run's programs for a seed, arriving at 1 program/s on average (runs
+    scale arrivals): the preset with the flags' overrides, a JSONL of programs
+    (--dataset PATH), or a request trace (--dataset FORMAT:PATH, its first
+    --num-prompts requests). With a trace, also what it is (`traces.describe`:
+    its native rate in programs/s and predicted prefix-cache hit rate)."""
+    cfg = workload_config(ns, seed)
+    spec = _trace_spec(ns)
+    if spec is None:
+        return (load_jsonl(ns.dataset) if ns.dataset else generate(cfg)), None
+    requests = traces.load(*spec)[:ns.num_prompts]
+    programs, _ = traces.to_programs(requests, cfg, branch_fraction(ns))
+    return programs, traces.describe(*spec, requests, cfg.length_scale, branch_fraction(ns))
+
+
+def apply_time_scale(ns, trace: dict | None) -> None:
+    """--time-scale K: the run's rate becomes the trace's native rate / K, an
+    absolute rate in programs/s (`--request-rate`, which validate() keeps unset)."""
+    if getattr(ns, "time_scale", None) is not None and trace is not None:
+        ns.request_rate = f"{trace['native_rate'] / ns.time_scale!r}"
+
+
+def _validate_dataset(ns) -> None:
+    spec = _trace_spec(ns)
+    scale, fraction = getattr(ns, "time_scale", None), getattr(ns, "branch_fraction", None)
+    if spec is None:
+        if ns.dataset and not Path(ns.dataset).is_file():
+            raise ValueError(f"--dataset: no such file: {ns.dataset}")
+        if ns.dataset:
+            load_jsonl(ns.dataset)
+        for flag, value in (("--time-scale", scale), ("--branch-fraction", fraction)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to a trace dataset only "
+                                 f"(--dataset FORMAT:PATH, FORMAT one of "
+                                 f"{', '.join(traces.FORMATS)})")
+        return
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise ValueError(f"--branch-fraction must be in [0, 1], got {fraction}")
+    if ns.num_prompts is not None and ns.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {ns.num_prompts}")
+    requests = traces.load(*spec)[:ns.num_prompts]
+    if scale is None:
+        return
+    if not scale > 0:
+        raise ValueError(f"--time-scale must be > 0, got {scale}")
+    if getattr(ns, "request_rate_given", False):
+        raise ValueError("--time-scale sets the rate (the trace's native rate / K): "
+                         "give it or --request-rate, not both")
+    if isinstance(parse_sweep(ns.sweep), list):
+        raise ValueError("--time-scale sets one rate: with --sweep, give the rates to "
+                         "test there (or --sweep auto to start at the trace's pace)")
+    if traces.native_rate(requests) == float("inf"):
+        raise ValueError(f"--time-scale: the {len(requests)} requests replayed all arrive "
+                         "at once: the trace has no pace to stretch")
+
+
 def slo_spec(ns) -> SLOSpec:
     return SLOSpec(mode=ns.slo_mode, branch_stretch=ns.branch_stretch,
                    program_multiple=ns.program_multiple, drain=ns.drain)
@@ -197,6 +295,7 @@ def validate(ns, live: bool) -> None:
     from controller.policies import parse_policy
 
     goodput(ns)
+    _validate_dataset(ns)
     if ns.request_rate is not None:
         parse_rate(ns.request_rate)
     parse_sweep(ns.sweep)

@@ -23,6 +23,7 @@ class RequestRecord:
     output_tokens: int
     cached_tokens: int
     error: str | None
+    prompt_tokens: int = 0  # as the server counted them (0: not reported, as in the simulator)
 
 
 @dataclass(slots=True)

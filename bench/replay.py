@@ -21,7 +21,8 @@ def _rel(c: Completion, t0: float, stage: int, branch: int, role: str) -> Reques
         stage=stage, branch=branch, role=role, start=c.start - t0,
         first_token=None if c.first_token is None else c.first_token - t0,
         end=(c.end or c.start) - t0, token_times=[t - t0 for t in c.token_times],
-        output_tokens=c.output_tokens, cached_tokens=c.cached_tokens, error=c.error)
+        output_tokens=c.output_tokens, cached_tokens=c.cached_tokens, error=c.error,
+        prompt_tokens=c.prompt_tokens)
 
 
 async def _stage(session, url: str, prog: Program, si: int, stage: Stage, context: str,

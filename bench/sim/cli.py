@@ -20,16 +20,10 @@ from bench import options, report
 from bench.calibration import capacity, from_cost, mean_context
 from bench.metrics import allowance, request_tpot, summarize
 from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
-from bench.workload import at_rate, generate, load_jsonl, save_jsonl, with_slo
+from bench.workload import at_rate, save_jsonl, with_slo
 
 DEFAULT_SIM_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper,clairvoyant"
 DEFAULT_COST = "measured:bench/sim/profiles/h200_qwen3_32b_decode.json"
-
-
-def _programs(ns, seed: int):
-    if ns.dataset:
-        return load_jsonl(ns.dataset)
-    return generate(options.workload_config(ns, seed))
 
 
 def _setup(ns, seed: int) -> dict:
@@ -40,10 +34,11 @@ def _setup(ns, seed: int) -> dict:
     from bench.sim.engine import SimConfig
 
     cost = costs.load(ns.cost_model)
-    progs = _programs(ns, seed)
+    progs, trace = options.load_programs(ns, seed)
     cal = getattr(ns, "calibration", None) or from_cost(cost, mean_context(progs))
     ttft, tpot = options.slo_seconds(options.goodput(ns), cal)
     return {"cost": cost, "programs": with_slo(progs, ttft, tpot), "calibration": cal,
+            "trace": trace,
             "capacity": capacity(cal, progs) * _replicas(ns), "ttft": ttft, "tpot": tpot,
             "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed)}
 
@@ -127,6 +122,7 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
     spec_slo = options.slo_spec(ns)
     firsts = {s: _setup(ns, s) for s in seeds}
     first = firsts[seeds[0]]
+    options.apply_time_scale(ns, first["trace"])  # before the rates resolve
     if ns.save_trace:
         save_jsonl(first["programs"], ns.save_trace)
     specs = {s: sweep_spec(ns, firsts[s]["capacity"]) for s in seeds}
@@ -159,6 +155,7 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
         "versions": report.versions(),
         "runs": runs,
         "sweep": aggregate(runs, upper_bound=bound, same_as=same_as),
+        **({"trace": first["trace"]} if first["trace"] else {}),
     }
 
 
