@@ -46,6 +46,20 @@ def from_cost(cost, context: int) -> dict:
             "tokens_per_s": REF_BATCH / step, "batch": REF_BATCH}
 
 
+def isolated_at(calibration: dict, cost=None):
+    """context -> (TTFT, TPOT) seconds of a lone request with that many prompt
+    tokens: from `cost` (the simulator's model, as `from_cost`), else from the
+    live calibration's linear fit (bench/live.py `fit_cost`: TPOT a + b + c*ctx,
+    TTFT a + e + f*ctx, through the two contexts it measured)."""
+    if cost is not None:
+        gap = getattr(cost, "gap", 0.0)
+        return lambda ctx: (cost.prefill(ctx, 1) + gap, cost.decode(1, ctx) + gap)
+    f = calibration.get("fit")
+    if f is None:
+        raise ValueError("SLOs per context need a step-time fit; this calibration has none")
+    return lambda ctx: (f["a"] + f["e"] + f["f"] * ctx, f["a"] + f["b"] + f["c"] * ctx)
+
+
 def spread(values: list[float]) -> dict:
     """Median and spread of calibration samples (seconds)."""
     a = np.asarray(values, dtype=float)

@@ -28,7 +28,7 @@ from pathlib import Path
 from bench import options, report
 from bench.calibration import capacity, mean_context
 from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
-from bench.workload import at_rate, save_jsonl, with_slo
+from bench.workload import at_rate, save_jsonl
 
 SWEEP_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper"
 HEADLINE = "headline"  # --policies default: off, eager, the simulator's best cap, taper
@@ -102,11 +102,14 @@ class LiveBench:
         if self.calibration is None:
             self.calibration = srv.calibration
             self.slo = options.slo_seconds(options.goodput(self.ns), cal)
+            self.slo_programs = {s: options.program_slos(self.ns, p, srv.calibration)
+                                 for s, p in self.programs.items()}
             spec = self.spec
             self.result.update(
                 calibration=cal,
                 capacity_programs_per_s={s: capacity(cal, p) for s, p in self.programs.items()},
-                slo={"ttft_s": self.slo[0], "tpot_s": self.slo[1], "mode": spec.mode,
+                slo={"ttft_s": self.slo[0], "tpot_s": self.slo[1],
+                     "basis": options.slo_basis(self.ns), "mode": spec.mode,
                      "branch_stretch": spec.branch_stretch,
                      "program_multiple": spec.program_multiple, "drain_s": spec.drain})
         self.result["calibrations"] = self.calibrations
@@ -114,7 +117,7 @@ class LiveBench:
     def probe(self, srv, seed: int, rate: float) -> dict:
         from tqdm import tqdm
 
-        progs = with_slo(at_rate(self.programs[seed], 1.0, rate), *self.slo)
+        progs = at_rate(self.slo_programs[seed], 1.0, rate)
         bar = tqdm(total=len(progs), desc=f"{srv.policy} seed {seed} @ {rate:.3g}/s",
                    unit="prog", file=sys.stderr, leave=False, mininterval=2.0)
         out = srv.run(progs, self.spec, self.ns.drain, progress=bar)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from bench import traces
+from bench.calibration import isolated_at
 from bench.metrics import SLO_MODES, SLOSpec
 from bench.workload import (
     DEFAULT_PRESET,
@@ -18,6 +19,7 @@ from bench.workload import (
     WorkloadConfig,
     generate,
     load_jsonl,
+    with_slo,
 )
 
 DEFAULT_RATE = "50%"  # of the engine's measured capacity for the workload
@@ -162,6 +164,12 @@ def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
                    help="SLOs: ttft:MS tpot:MS, or KEY:Nx for N times the isolated value "
                    f"measured at the start of the run (default {' '.join(default_goodput)})")
     p.set_defaults(goodput_defaults=tuple(default_goodput))
+    p.add_argument("--slo-basis", choices=("mean", "context"),
+                   help="what a relative SLO (Nx) multiplies: mean: the isolated TTFT and "
+                   "TPOT at the workload's mean context (default for generated workloads); "
+                   "context: each program's own, at its prompt length (default for trace "
+                   "datasets, whose contexts span 100x: one TPOT SLO for all would be "
+                   "out of reach for the longest alone)")
     p.add_argument("--slo-mode", choices=SLO_MODES, default="stage",
                    help="stage: each parallel stage has a deadline (--branch-stretch); "
                    "program: each program has one (--program-multiple); see bench/README.md")
@@ -210,6 +218,29 @@ def workload_config(ns, seed: int | None = None) -> WorkloadConfig:
     known = {f.name for f in fields(WorkloadConfig)}
     assert set(over) <= known
     return replace(base, **over, rate=1.0, seed=ns.seed if seed is None else seed)
+
+
+def slo_basis(ns) -> str:
+    """`--slo-basis`, defaulted by the dataset (see its help)."""
+    given = getattr(ns, "slo_basis", None)
+    return given or ("context" if _trace_spec(ns) else "mean")
+
+
+def program_slos(ns, programs: list[Program], cal: dict, cost=None) -> list[Program]:
+    """The programs with the run's SLOs: --goodput against the isolated figures
+    of `cal` (at the mean context), or with basis `context` against each
+    program's own at its prompt length (from `cost`, the simulator's model, or
+    the live calibration's fit)."""
+    good = goodput(ns)
+    if slo_basis(ns) == "mean":
+        return with_slo(programs, *slo_seconds(good, cal))
+    at = isolated_at(cal, cost)
+    out = []
+    for p in programs:
+        ttft, tpot = at(p.context_tokens())
+        out.append(replace(p, **dict(zip(("ttft_slo", "tpot_slo"), slo_seconds(
+            good, {"ttft_s": ttft, "tpot_s": tpot})))))
+    return out
 
 
 def _trace_spec(ns) -> tuple[str, Path] | None:

@@ -97,7 +97,9 @@ def markdown(result: dict) -> str:
     if slo:
         mode = (f"stage deadline, stretch {slo['branch_stretch']:g}" if slo["mode"] == "stage"
                 else f"program deadline, {slo['program_multiple']:g}x its critical path")
-        out.append(f"SLOs: TTFT {_fmt(slo['ttft_s'], 1e3, 1)} ms, TPOT "
+        basis = (" (per program, at its own context; shown here at the mean context)"
+                 if slo.get("basis") == "context" else "")
+        out.append(f"SLOs{basis}: TTFT {_fmt(slo['ttft_s'], 1e3, 1)} ms, TPOT "
                    f"{_fmt(slo['tpot_s'], 1e3, 2)} ms ({mode}); isolated TTFT "
                    f"{_fmt(cal.get('ttft_s'), 1e3, 1)} ms, TPOT {_fmt(cal.get('tpot_s'), 1e3, 2)}"
                    f" ms, capacity {_fmt(cal.get('tokens_per_s'), 1, 0)} tokens/s at batch "

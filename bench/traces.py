@@ -309,8 +309,21 @@ def native_rate(requests: Sequence[TraceRequest]) -> float:
     return (len(requests) - 1) / span if span > 0 else math.inf
 
 
+def tick(requests: Sequence[TraceRequest]) -> float:
+    """The trace's timestamp resolution in seconds when its arrivals come in ticks
+    (at least half of the gaps between consecutive requests are 0: Mooncake's
+    conversation trace stamps about 9 requests alike every 3 s), else 0. The
+    tick is the most common positive gap, rounded to the millisecond."""
+    gaps = np.diff([r.arrival for r in requests])
+    if len(gaps) < 2 or (gaps == 0).mean() < 0.5 or not (gaps > 0).any():
+        return 0.0
+    vals, counts = np.unique(np.round(gaps[gaps > 0], 3), return_counts=True)
+    return float(vals[counts.argmax()])
+
+
 def to_programs(requests: Sequence[TraceRequest], cfg: WorkloadConfig,
-                branch_fraction: float = BRANCH_FRACTION) -> tuple[list[Program], float]:
+                branch_fraction: float = BRANCH_FRACTION,
+                spread_ticks: bool = True) -> tuple[list[Program], float]:
     """The trace as programs arriving at a mean 1 program/s from 0 on (scale
     them with `bench.workload.at_rate`), and its native rate (programs/s,
     `native_rate`).
@@ -320,6 +333,11 @@ def to_programs(requests: Sequence[TraceRequest], cfg: WorkloadConfig,
     probability `branch_fraction`, a branch program of one of `cfg.kinds`
     over the same prompt, its stages drawn as `bench.workload.generate` draws
     them from cfg's ranges (the trace's output length then unused).
+
+    `spread_ticks`: a trace stamped in ticks (`tick`) says only in which tick a
+    request arrived; its requests are spread uniformly over their tick (a draw
+    from `cfg.seed` of its own), not replayed as simultaneous bursts that no
+    real arrival process has. Programs keep the trace's order in their ids.
     """
     if not 0 <= branch_fraction <= 1:
         raise ValueError(f"branch_fraction must be in [0, 1], got {branch_fraction}")
@@ -327,15 +345,20 @@ def to_programs(requests: Sequence[TraceRequest], cfg: WorkloadConfig,
     rng = np.random.default_rng(cfg.seed)
     kinds = getattr(cfg, "kinds", KINDS)
     k = cfg.length_scale
+    width = tick(requests) if spread_ticks else 0.0
+    jitter = (np.random.default_rng([cfg.seed, 0x71C]).uniform(0.0, width, len(requests))
+              if width else np.zeros(len(requests)))
     out = []
     for i, req in enumerate(requests):
         branch = rng.random() < branch_fraction
         kind = kinds[int(rng.integers(len(kinds)))] if branch else "chat"
         stages = (_branch_stages(kind, cfg, rng) if branch
                   else [Stage("serial", [scaled(req.output_tokens, k)])])
-        arrival = (req.arrival - requests[0].arrival) * rate if math.isfinite(rate) else 0.0
+        arrival = ((req.arrival + jitter[i] - requests[0].arrival) * rate
+                   if math.isfinite(rate) else 0.0)
         out.append(Program(f"p{i:05d}", kind, arrival, prompt_text(req, i, k), cfg.ttft_slo,
                            cfg.tpot_slo, stages, scaled(req.input_tokens, k)))
+    out.sort(key=lambda p: p.arrival)
     return out, rate
 
 
@@ -374,4 +397,5 @@ def describe(fmt: str, path: str | Path, requests: Sequence[TraceRequest],
     return {"format": fmt, "path": str(path), "requests": len(requests),
             "native_rate": rate if math.isfinite(rate) else None,
             "predicted_hit_rate": predicted_hit_rate(requests, length_scale),
-            "length_scale": length_scale, "branch_fraction": branch_fraction}
+            "length_scale": length_scale, "branch_fraction": branch_fraction,
+            "tick_s": tick(requests)}

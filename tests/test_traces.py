@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench import options, traces
-from bench.traces import TraceRequest, load, predicted_hit_rate, prompt_text, to_programs
+from bench.traces import (TraceRequest, load, predicted_hit_rate, prompt_text, tick,
+                          to_programs)
 from bench.workload import KINDS, WorkloadConfig, at_rate
 
 SAMPLE = Path(__file__).parent.parent / "bench" / "data" / "mooncake_conversation_sample.jsonl"
@@ -203,7 +204,7 @@ def test_predicted_hit_rate_of_the_sample():
 def test_chat_requests_keep_the_trace_and_scale():
     reqs = load("mooncake", SAMPLE)[:50]
     progs, rate = to_programs(reqs, WorkloadConfig(length_scale=0.1, ttft_slo=2.0),
-                              branch_fraction=0.0)
+                              branch_fraction=0.0, spread_ticks=False)
     assert rate == pytest.approx(49 / reqs[-1].arrival)
     assert [p.pid for p in progs[:2]] == ["p00000", "p00001"]
     assert all(p.kind == "chat" and len(p.stages) == 1 and p.ttft_slo == 2.0 for p in progs)
@@ -214,10 +215,26 @@ def test_chat_requests_keep_the_trace_and_scale():
     assert progs[-1].arrival == pytest.approx(49.0)
     native = at_rate(progs, 1.0, rate)
     assert [p.arrival for p in native] == pytest.approx([r.arrival for r in reqs])
-    later, _ = to_programs(reqs[10:30], WorkloadConfig(), branch_fraction=0.0)
+    later, _ = to_programs(reqs[10:30], WorkloadConfig(), branch_fraction=0.0,
+                           spread_ticks=False)
     assert later[0].arrival == 0.0 and later[-1].arrival == pytest.approx(19.0)
     # A time scale K stretches the trace's pace K times.
     assert at_rate(progs, 1.0, rate / 4)[-1].arrival == pytest.approx(4 * reqs[-1].arrival)
+
+
+def test_a_trace_stamped_in_ticks_is_spread_over_each_tick():
+    reqs = load("mooncake", SAMPLE)[:300]
+    assert tick(reqs) == 3.0  # about 9 requests share each 3 s stamp
+    assert tick([TraceRequest(float(i), 10, 10) for i in range(20)]) == 0.0  # no ticks
+    progs, rate = to_programs(reqs, WorkloadConfig(), branch_fraction=0.0)
+    native = at_rate(progs, 1.0, rate)
+    stamp = {f"p{i:05d}": r.arrival for i, r in enumerate(reqs)}
+    # Each request arrives within its own tick, none at once, in arrival order.
+    assert all(stamp[p.pid] <= p.arrival < stamp[p.pid] + 3.0 for p in native)
+    assert len({p.arrival for p in progs}) == len(progs)
+    assert [p.arrival for p in progs] == sorted(p.arrival for p in progs)
+    again, _ = to_programs(reqs, WorkloadConfig(), branch_fraction=0.0)
+    assert [p.arrival for p in again] == [p.arrival for p in progs]  # seeded
 
 
 def test_branch_programs_at_the_stated_fraction_over_the_trace_prompt():
@@ -399,3 +416,33 @@ def test_the_live_prefix_cache_finds_what_the_trace_predicts(server_pool, which,
           f"{measured:.4f} ({cached}/{prompt} tokens), predicted {predicted:.4f}")
     assert prompt == pytest.approx(sum(p.prompt_tokens for p in progs), abs=len(progs))
     assert measured == pytest.approx(predicted, rel=0.10)
+
+
+def test_a_trace_takes_its_relative_slos_at_each_programs_own_context():
+    import argparse
+
+    from bench import options
+    from bench.calibration import from_cost, isolated_at
+    from bench.sim import cost as costs
+
+    p = argparse.ArgumentParser()
+    options.add_workload_args(p, "taper", "/tmp/x")
+    ns = p.parse_args(["--dataset", f"mooncake:{SAMPLE}", "--num-prompts", "40",
+                       "--goodput", "ttft:10x", "tpot:1.5x"])
+    assert options.slo_basis(ns) == "context"
+    assert options.slo_basis(p.parse_args([])) == "mean"
+    cost = costs.load("measured:bench/sim/profiles/h200_qwen3_32b_decode.json")
+    progs, _ = options.load_programs(ns, 0)
+    cal = from_cost(cost, 5000)
+    out = options.program_slos(ns, progs, cal, cost)
+    at = isolated_at(cal, cost)
+    for q in out:
+        ttft, tpot = at(q.context_tokens())
+        assert q.ttft_slo == pytest.approx(10 * ttft) and q.tpot_slo == pytest.approx(1.5 * tpot)
+    longest = max(out, key=lambda q: q.context_tokens())
+    shortest = min(out, key=lambda q: q.context_tokens())
+    assert longest.tpot_slo > shortest.tpot_slo and longest.ttft_slo > 5 * shortest.ttft_slo
+    # Basis mean: one SLO for all, against the calibration at the mean context.
+    ns.slo_basis = "mean"
+    flat = options.program_slos(ns, progs, cal, cost)
+    assert [q.tpot_slo for q in flat] == pytest.approx([1.5 * cal["tpot_s"]] * len(flat))

@@ -20,7 +20,7 @@ from bench import options, report
 from bench.calibration import capacity, from_cost, mean_context
 from bench.metrics import allowance, request_tpot, summarize
 from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
-from bench.workload import at_rate, save_jsonl, with_slo
+from bench.workload import at_rate, save_jsonl
 
 DEFAULT_SIM_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper,clairvoyant"
 DEFAULT_COST = "measured:bench/sim/profiles/h200_qwen3_32b_decode.json"
@@ -35,9 +35,11 @@ def _setup(ns, seed: int) -> dict:
 
     cost = costs.load(ns.cost_model)
     progs, trace = options.load_programs(ns, seed)
-    cal = getattr(ns, "calibration", None) or from_cost(cost, mean_context(progs))
+    given = getattr(ns, "calibration", None)
+    cal = given or from_cost(cost, mean_context(progs))
     ttft, tpot = options.slo_seconds(options.goodput(ns), cal)
-    return {"cost": cost, "programs": with_slo(progs, ttft, tpot), "calibration": cal,
+    progs = options.program_slos(ns, progs, cal, None if given else cost)
+    return {"cost": cost, "programs": progs, "calibration": cal,
             "trace": trace,
             "capacity": capacity(cal, progs) * _replicas(ns), "ttft": ttft, "tpot": tpot,
             "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed)}
@@ -149,7 +151,8 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
         "cost_model": first["cost"].describe(),
         "calibration": first["calibration"],
         "capacity_programs_per_s": {s: f["capacity"] for s, f in firsts.items()},
-        "slo": {"ttft_s": first["ttft"], "tpot_s": first["tpot"], "mode": spec_slo.mode,
+        "slo": {"ttft_s": first["ttft"], "tpot_s": first["tpot"],
+                "basis": options.slo_basis(ns), "mode": spec_slo.mode,
                 "branch_stretch": spec_slo.branch_stretch,
                 "program_multiple": spec_slo.program_multiple, "drain_s": spec_slo.drain},
         "versions": report.versions(),
