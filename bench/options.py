@@ -196,6 +196,10 @@ def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
                    help="trace datasets only: share (0-1) of the trace's requests replayed "
                    "as branch programs over the same prompt, drawn with --seed; the others "
                    f"are chat requests (default {traces.BRANCH_FRACTION})")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="trace datasets only: leave out requests whose prompt, after "
+                   "--length-scale, exceeds N tokens (an engine's context limit: the tiny "
+                   "CPU model has 8192 positions); the result says how many")
     p.add_argument("--save-trace", help="write the generated trace (JSONL) here")
     p.add_argument("--sweep", help="auto: find each policy's highest rate at >= 95%% "
                    "attainment by bisection (to 5%%); or rates to test, e.g. 25%%,50%%,75%% "
@@ -262,9 +266,17 @@ def load_programs(ns, seed: int | None = None) -> tuple[list[Program], dict | No
     spec = _trace_spec(ns)
     if spec is None:
         return (load_jsonl(ns.dataset) if ns.dataset else generate(cfg)), None
-    requests = traces.load(*spec)[:ns.num_prompts]
+    requests = traces.load(*spec)
+    limit = getattr(ns, "max_prompt_tokens", None)
+    if limit:
+        fits = [r for r in requests if traces.scaled(r.input_tokens, cfg.length_scale) <= limit]
+        left_out, requests = len(requests) - len(fits), fits
+    requests = requests[:ns.num_prompts]
     programs, _ = traces.to_programs(requests, cfg, branch_fraction(ns))
-    return programs, traces.describe(*spec, requests, cfg.length_scale, branch_fraction(ns))
+    info = traces.describe(*spec, requests, cfg.length_scale, branch_fraction(ns))
+    if limit:
+        info.update(max_prompt_tokens=limit, left_out_of_whole_trace=left_out)
+    return programs, info
 
 
 def apply_time_scale(ns, trace: dict | None) -> None:
@@ -282,7 +294,8 @@ def _validate_dataset(ns) -> None:
             raise ValueError(f"--dataset: no such file: {ns.dataset}")
         if ns.dataset:
             load_jsonl(ns.dataset)
-        for flag, value in (("--time-scale", scale), ("--branch-fraction", fraction)):
+        for flag, value in (("--time-scale", scale), ("--branch-fraction", fraction),
+                            ("--max-prompt-tokens", getattr(ns, "max_prompt_tokens", None))):
             if value is not None:
                 raise ValueError(f"{flag} applies to a trace dataset only "
                                  f"(--dataset FORMAT:PATH, FORMAT one of "
@@ -292,6 +305,9 @@ def _validate_dataset(ns) -> None:
         raise ValueError(f"--branch-fraction must be in [0, 1], got {fraction}")
     if ns.num_prompts is not None and ns.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {ns.num_prompts}")
+    limit = getattr(ns, "max_prompt_tokens", None)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {limit}")
     requests = traces.load(*spec)[:ns.num_prompts]
     if scale is None:
         return

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import options, traces
-from bench.traces import (TraceRequest, load, predicted_hit_rate, prompt_text, tick,
-                          to_programs)
+from bench.traces import TraceRequest, load, predicted_hit_rate, prompt_text, tick, to_programs
 from bench.workload import KINDS, WorkloadConfig, at_rate
 
 SAMPLE = Path(__file__).parent.parent / "bench" / "data" / "mooncake_conversation_sample.jsonl"
@@ -446,3 +445,21 @@ def test_a_trace_takes_its_relative_slos_at_each_programs_own_context():
     ns.slo_basis = "mean"
     flat = options.program_slos(ns, progs, cal, cost)
     assert [q.tpot_slo for q in flat] == pytest.approx([1.5 * cal["tpot_s"]] * len(flat))
+
+
+def test_max_prompt_tokens_leaves_out_what_the_engine_cannot_hold():
+    import argparse
+
+    from bench import options
+
+    p = argparse.ArgumentParser()
+    options.add_workload_args(p, "taper", "/tmp/x")
+    ns = p.parse_args(["--dataset", f"mooncake:{SAMPLE}", "--num-prompts", "100",
+                       "--length-scale", "0.1", "--max-prompt-tokens", "2000"])
+    options.validate(ns, live=True)
+    progs, info = options.load_programs(ns, 0)
+    assert len(progs) == 100 and max(q.prompt_tokens for q in progs) <= 2000
+    assert info["left_out_of_whole_trace"] == sum(
+        round(r.input_tokens * 0.1) > 2000 for r in load("mooncake", SAMPLE)) > 0
+    with pytest.raises(ValueError, match="trace dataset only"):
+        options.validate(p.parse_args(["--max-prompt-tokens", "10"]), live=True)
