@@ -23,6 +23,8 @@ class TaperConfig:
     """Everything the controller can be told. Validated on construction."""
 
     policy: str = _f("taper", "the admission policy: off | eager | cap:K | taper")
+    enabled: bool = _f(True, "live server: TAPER's hooks act on the step path; off: every step "
+                       "runs as stock SGLang (settable at run time with POST /taper/config)")
     default_ttft_slo: float = _f(2.0, "seconds to the first token, for requests that carry "
                                  "no taper_ttft")
     default_tpot_slo: float = _f(0.1, "seconds per output token, for requests that carry no "
@@ -59,6 +61,10 @@ class TaperConfig:
                              "warm-start the predictor from")
     cascade: bool = _f(False, "the engine reads a group's shared prefix once per step "
                        "(cascade attention)")
+    cascade_profile: str | None = _f(None, "path of a profile (taper profile) whose cascade "
+                                     "section decides which groups take the two-level path; "
+                                     "none: the CPU engine's measured default (on a GPU: "
+                                     "every group)")
     prefill_gate: bool = _f(True, "taper only: defer a prefill that would cost a running "
                             "critical request an SLO it can still meet (controller/prefill.py)")
     spec: PolicySpec = field(init=False, repr=False, compare=False)  # `policy`, parsed
@@ -112,6 +118,21 @@ class TaperConfig:
                 raise ValueError(f"TaperConfig.{name} needs a {kind}, got {text!r}") from None
         return type(self)(**values)
 
+    def merged(self, changes: dict) -> TaperConfig:
+        """A copy with the fields of a JSON object `changes` replaced, typed by
+        field (a float field takes an int; a bool field only true/false). Raises
+        ValueError naming a bad field or value."""
+        kinds = {f.name: str(f.type) for f in fields(self) if f.init}
+        values = self.to_dict()
+        for name, value in changes.items():
+            kind = kinds.get(name)
+            if kind is None:
+                raise ValueError(f"TaperConfig has no field {name!r}")
+            if not _json_fits(kind, value):
+                raise ValueError(f"TaperConfig.{name} needs a {kind}, got {value!r}")
+            values[name] = float(value) if kind == "float" else value
+        return type(self)(**values)
+
     @classmethod
     def from_json(cls, text: str) -> TaperConfig:
         data = json.loads(text)
@@ -120,6 +141,17 @@ class TaperConfig:
         if unknown:
             raise ValueError(f"TaperConfig has no field {unknown[0]!r}")
         return cls(**data)
+
+
+def _json_fits(kind: str, value) -> bool:
+    """A JSON value fits a field of this annotation (bool is not a number here)."""
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    return isinstance(value, str) or (value is None and "None" in kind)
 
 
 def _check(cfg: TaperConfig, name: str, ok: bool, rule: str) -> None:

@@ -6,12 +6,14 @@ One object serves the live SGLang hook and the simulator alike.
 from __future__ import annotations
 
 import math
-from itertools import repeat
 
 import numpy as np
 
 from controller import prefill as prefill_gate
+from controller.composition import Composition, base_branches, group_order
+from controller.composition import key as composition_key
 from controller.config import TaperConfig
+from controller.holds import HoldRuns
 from controller.policies import Candidates, StepCost, make_policy
 from controller.predictor import SCALE, StepTimeModel, StepTimePredictor, features, quantile
 from controller.slack import step_budget
@@ -20,10 +22,19 @@ from controller.view import Decision, PrefillView, StepResult, StepView
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
+def _fit_settings(c: TaperConfig) -> dict:
+    """The step-time predictors' settings in a config."""
+    return dict(forgetting=c.forgetting, upper_quantile=c.upper_quantile,
+                residual_window=c.residual_window, prior_weight=c.prior_weight,
+                weight_floor=c.weight_floor, outlier_factor=c.outlier_factor,
+                row_tile=c.row_tile)
+
+
 class Controller:
     """Per-step branch admission, and (taper) the prefill gate.
 
-    decide() is a pure function of the controller's state and the view. State
+    decide() is a pure function of the controller's state and the view (it keeps
+    the view's make-up for the next one, a cache: controller/composition.py). State
     changes in observe() (the predictor's fit, the estimate of the engine's time
     between steps, how many steps in a row each held branch has waited), in
     observe_prefill() (the prefill fit) and in admit_prefill() (whether a
@@ -36,61 +47,64 @@ class Controller:
         """`model`: the predictor's warm start (otherwise `config.profile`, or the
         default prior). `cost`: the true step-time model, for the policies that
         need one (the simulator's `clairvoyant`)."""
-        self.config = config or TaperConfig()
-        spec = self.config.spec
-        entry = spec.entry
-        self.policy_name = str(spec)
-        self._policy = make_policy(spec, cost)
-        self._order = entry.order
-        self._promote_starved = entry.starvation
-        # seconds per TPOT second: laxity under urgent * TPOT promotes a branch
-        self._urgent = (self.config.urgent_paces * (1.0 - self.config.margin)
-                        if entry.urgency else 0.0)
-        if model is None and self.config.profile:
-            model = StepTimeModel.load(self.config.profile)
-        c = self.config
-        fit = dict(forgetting=c.forgetting, upper_quantile=c.upper_quantile,
-                   residual_window=c.residual_window, prior_weight=c.prior_weight,
-                   weight_floor=c.weight_floor, outlier_factor=c.outlier_factor,
-                   row_tile=c.row_tile)
+        config = config or TaperConfig()
+        if model is None and config.profile:
+            model = StepTimeModel.load(config.profile)
+        fit = _fit_settings(config)
         self.predictor = StepTimePredictor(model, **fit)
         # Prefill steps, fitted on their own (intercept and prefill tokens excited).
         self.prefill_predictor = StepTimePredictor(model, **fit)
-        self._prefill_gate = entry.prefill_gate and self.config.prefill_gate
-        self._deferring = False  # a prefill is being deferred: decode the mandatory only
-        self._held_since: dict[str, int] = {}  # id -> observed step its run of holds began
-        self._observed = 0  # steps observed (numbers the steps for _held_since)
-        self._starved: frozenset[str] = frozenset()  # held >= max_hold_steps
-        self._last_end: float | None = None  # seconds, end of the last observed step
+        self._cost = cost
         self._gaps = np.zeros(64)  # seconds between a step's end and the next decision
         self._n_gaps = 0
         self.gap = 0.0  # seconds, recent 90th percentile of those gaps
+        self._apply(config)
+
+    def _apply(self, config: TaperConfig) -> None:
+        """Everything derived from the config, and the per-policy state, afresh."""
+        self.config = config
+        spec = config.spec
+        entry = spec.entry
+        self.policy_name = str(spec)
+        self._policy = make_policy(spec, self._cost)
+        self._order = entry.order
+        self._prefix = entry.prefix
+        self._promote_starved = entry.starvation
+        # seconds per TPOT second: laxity under urgent * TPOT promotes a branch
+        self._urgent = config.urgent_paces * (1.0 - config.margin) if entry.urgency else 0.0
+        self._prefill_gate = entry.prefill_gate and config.prefill_gate
+        self._deferring = False  # a prefill is being deferred: decode the mandatory only
+        self._holds = HoldRuns(config.max_hold_steps)  # runs of holds, for starvation
+        self._comp: Composition | None = None  # the last view's make-up (per config)
+        self._last_end: float | None = None  # seconds, end of the last observed step
+
+    def reconfigure(self, config: TaperConfig) -> None:
+        """Take new settings between two steps. What was learnt stays: both
+        predictors' fits (retuned in place if a fit setting changed) and the gap
+        estimate. The policy's own state starts afresh, as in a new controller
+        (runs of holds, a deferred prefill); so does the gap's reference step, so
+        the time spent under the old settings (or switched off) is not a gap.
+        `config.profile` is a warm start: a new one is not loaded."""
+        fit = _fit_settings(config)
+        if fit != _fit_settings(self.config):
+            self.predictor.tune(**fit)
+            self.prefill_predictor.tune(**fit)
+        self._apply(config)
 
     # ------------------------------------------------------------------ decide
 
     def decide(self, view: StepView) -> Decision:
         """Choose which sequences of `view` decode in the next step."""
-        n = len(view)
-        if n == 0:
+        if not len(view):
             return Decision(_EMPTY, _EMPTY, 0, math.inf, 0.0, 0.0, np.zeros(len(SCALE)), ())
-        g = view.group
-        mandatory, order, head = self._mandatory(view)
-        extras = (~mandatory).nonzero()[0]
-        lax = None
-        if len(extras) and self._order != "none":
-            lax = self._laxity(view, order, head, extras)
-            if self._urgent:  # deadline-critical branches run whatever the budget
-                urgent = lax < self._urgent * view.tpot_slo[extras]
-                if urgent.any():
-                    mandatory[extras[urgent]] = True
-                    extras, lax = extras[~urgent], lax[~urgent]
-        cascade = self.config.cascade
-        kv = view.kv_len
+        mandatory, comp, dynamic = self._mandatory(view)
+        extras, lax, part = self._optional(view, comp, mandatory, dynamic)
         x_mand = self._features(view, mandatory)
-        kv_m = kv[mandatory]
+        n_mand = int(x_mand[1])
         t_mand = self.predictor.batch_time(x_mand)
         slack = step_budget(view, self.config.margin, self.config.max_banked_tokens, self.gap,
-                            self._prefill_time(view.queued.tokens) if view.queued else 0.0)
+                            self._prefill_time(view.queued.tokens) if view.queued else 0.0,
+                            comp)
         budget = slack - t_mand - self.predictor.upper_margin
         if self._deferring:  # a deferred prefill waits for the critical requests' cushion
             if view.waiting:
@@ -98,62 +112,99 @@ class Controller:
             else:
                 self._deferring = False
 
-        if len(extras):
+        externality, kept_extra_kv, admitted = 0.0, 0.0, _EMPTY
+        # A prefix policy admits nothing without a budget: no order, no costs.
+        if len(extras) and not (self._prefix and budget <= 0):
             if self._order != "none":
-                if self._order == "group":  # cap: groups contiguous, least laxity first
-                    pri = np.lexsort((view.branch[extras], lax, g[extras]))
-                else:
-                    pri = np.lexsort((view.branch[extras], g[extras], lax))
-                extras = extras[pri]
-            ext_g = g[extras]
-            own = kv[extras] - view.shared_len[extras] if cascade else kv[extras]
-            costs = self.predictor.extra_costs(len(kv_m), own)
-            if self._order == "group":
-                rank = self._run_rank(ext_g)
-                counts = self._mandatory_counts(g[order], head, mandatory[order], ext_g)
-            else:
+                if lax is None:
+                    lax = self._laxity(view, comp)
+                    if part is not None:
+                        lax = lax[part]
+                extras = self._priority(view, extras, lax)
+            ext_g = view.group[extras]
+            kv = view.kv_len[extras]
+            own = kv - view.shared_len[extras] if self.config.cascade else kv
+            costs = self.predictor.extra_costs(n_mand, own)
+            if self._order != "group":
                 rank, counts = _EMPTY, _EMPTY
+            elif part is None:
+                comp.ranks()
+                rank, counts = comp.rank, comp.counts  # per group: the sort kept them
+            else:
+                rank = self._run_rank(ext_g)
+                counts = self._mandatory_counts(view.group[comp.order], comp.head,
+                                                mandatory[comp.order], ext_g)
             admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget,
-                                            len(kv_m), x_mand[2], own, slack))
+                                            n_mand, x_mand[2], own, slack))
             admitted = extras[admit]
             externality = float(costs[admit].sum())
             mandatory[admitted] = True
             kept_extra_kv = float(own[admit].sum())
-        else:
-            externality, kept_extra_kv, admitted = 0.0, 0.0, _EMPTY
         keep = mandatory.nonzero()[0]
         held = (~mandatory).nonzero()[0]
-        x = x_mand.copy()
-        x[1] += len(admitted)
-        x[2] += kept_extra_kv
-        return Decision(
-            keep=keep,
-            held=held,
-            mandatory=len(kv_m),
-            budget=budget,
-            externality=externality,
-            predicted=t_mand + externality,
-            features=x / SCALE,
-            ids=view.ids,
-        )
+        x_mand[1] += len(admitted)  # now the kept batch's
+        x_mand[2] += kept_extra_kv
+        return Decision(keep, held, n_mand, budget, externality, t_mand + externality,
+                        x_mand / SCALE, view.ids)
 
-    def _mandatory(self, view: StepView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _optional(self, view: StepView, comp: Composition, mandatory: np.ndarray,
+                  dynamic: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The extras still optional once the dynamic rules made theirs mandatory
+        (pinned, starved, and urgent: this adds deadline-critical branches to
+        `mandatory`), in the composition's order; their laxity if urgency needed
+        it, else None; and which of `comp.extras` they are (None: all)."""
+        extras = comp.extras
+        part = ~mandatory[extras] if dynamic else None
+        lax = None
+        if self._urgent and len(extras):  # deadline-critical branches run whatever the budget
+            lax = self._laxity(view, comp)
+            urgent = lax < self._urgent * comp.tpot  # (tpot: filled by _laxity)
+            if part is not None:
+                urgent &= part
+            if urgent.any():
+                mandatory[extras[urgent]] = True
+                part = ~urgent if part is None else part & ~urgent
+        if part is not None:
+            extras = extras[part]
+            if lax is not None:
+                lax = lax[part]
+        return extras, lax, part
+
+    def _priority(self, view: StepView, extras: np.ndarray, lax: np.ndarray) -> np.ndarray:
+        """The extras in priority order: least laxity, then group, branch and view
+        index. They come in (group, branch, index) order, so a stable sort on the
+        laxity alone gives it; cap's (groups contiguous) then sorts by group."""
+        by_lax = lax.argsort(kind="stable")
+        if self._order == "group":
+            return extras[by_lax[view.group[extras][by_lax].argsort(kind="stable")]]
+        return extras[by_lax]
+
+    def _mandatory(self, view: StepView, build: bool = True
+                   ) -> tuple[np.ndarray, Composition | None, bool]:
         """The sequences that run whatever the budget (ordinary, critical, pinned,
-        each group's base branch, starved ones), as a mask; with the group-sorted
-        order of the view and the first position of each group in it."""
-        n, g = len(view), view.group
-        order = np.lexsort((view.branch, g))  # by group, then branch index
-        gs = g[order]
-        head = np.empty(n, dtype=bool)
-        head[0] = True
-        np.not_equal(gs[1:], gs[:-1], out=head[1:])
-        mandatory = (g < 0) | view.critical
+        each group's base branch, starved ones), as a mask; the view's
+        composition (kept for the next view; not built unless `build`); and
+        whether pinned or starved ones were added to its base."""
+        k = composition_key(view, self._order)
+        comp = self._comp
+        if comp is not None and comp.key == k:
+            mandatory = comp.base.copy()
+        elif build:
+            c = self.config
+            comp = self._comp = Composition(view, k, self._order, c.margin, c.branch_stretch,
+                                            c.max_banked_tokens)
+            mandatory = comp.base.copy()
+        else:
+            comp, mandatory = None, base_branches(view, group_order(view))[0]
+        dynamic = False
         if view.pinned is not None:
             mandatory |= view.pinned
-        mandatory[order[head]] = True  # each group's base branch: its lowest index
-        if self._starved:
-            mandatory |= np.fromiter((s in self._starved for s in view.ids), bool, n)
-        return mandatory, order, head
+            dynamic = True
+        starved = self._holds.starved(view.ids)
+        if starved is not None:
+            mandatory |= starved
+            dynamic = True
+        return mandatory, comp, dynamic
 
     def _features(self, view: StepView, kept: np.ndarray) -> np.ndarray:
         """Unscaled predictor features of the batch of `kept` (a mask)."""
@@ -178,47 +229,47 @@ class Controller:
             self._deferring = False
             return True
         t_prefill = self._prefill_time(prefill.tokens)
-        # What each decode step takes while the prefill waits: the mandatory batch.
-        t_mand = self.predictor.batch_time(self._features(view, self._mandatory(view)[0]))
+        # A waiting critical request that would miss its TTFT after even the shortest
+        # decode step (the gap alone: a batch's predicted time is >= 0) makes the
+        # prefill run whatever the batch: no need to know it (the usual case under
+        # load, where the queue is late).
+        if prefill_gate.must_run(prefill, self.config.margin, view.now, t_prefill, self.gap):
+            self._deferring = False
+            return True
+        # What each decode step takes while the prefill waits: the mandatory batch
+        # (its make-up is not kept: the view of a prefill that runs never decodes).
+        mandatory = self._mandatory(view, build=False)[0]
+        t_mand = self.predictor.batch_time(self._features(view, mandatory))
         self._deferring = prefill_gate.defer(view, prefill, self.config.margin, t_prefill,
                                              t_mand + self.gap)
         return not self._deferring
 
     def _prefill_time(self, tokens: int) -> float:
         """Seconds a prefill step of `tokens` tokens takes (upper bound)."""
-        p = self.prefill_predictor
-        return p.predict(features(0, 0, tokens)) + p.upper_margin
+        return self.prefill_predictor.upper(0, 0, tokens)
 
     def observe_prefill(self, tokens: int, seconds: float, disturbed: bool = False) -> None:
         """Learn from a finished prefill step of `tokens` tokens (`disturbed`: it
         spanned a pause or a control request, so it is counted, not learnt)."""
         self.prefill_predictor.update(features(0, 0, tokens), seconds, disturbed)
 
-    def _laxity(self, view: StepView, order: np.ndarray, head: np.ndarray,
-                extras: np.ndarray) -> np.ndarray:
-        """Seconds each extra branch has in hand before its stage's deadline.
+    def _laxity(self, view: StepView, comp: Composition) -> np.ndarray:
+        """Seconds each extra branch of `comp` (in its order) has in hand before
+        its stage's deadline.
 
         A branch group's stage is due at  D = a + TTFT + (L - 1) * TPOT * stretch
         (a: the group's earliest arrival, L: the largest max_new_tokens among its
-        running members, stretch: `branch_stretch`), and a branch with r tokens
-        still to generate needs about r steps at the (1 - margin) * TPOT pace:
+        running members, stretch: `branch_stretch`; `comp.due` holds D), and a
+        branch with r tokens still to generate needs about r steps at the
+        (1 - margin) * TPOT pace:
 
             laxity = D - now - r * (1 - margin) * TPOT        [seconds]
 
         Sequences that report no max_new_tokens (0) count as having none left.
         """
-        run_of = np.cumsum(head) - 1  # position in `order` -> group run index
-        where = np.empty(len(order), dtype=np.int64)
-        where[order] = run_of
-        starts = head.nonzero()[0]
-        lmax = np.maximum.reduceat(view.max_new[order], starts)
-        first = np.minimum.reduceat(view.arrival[order], starts)
-        gi = where[extras]
-        tpot = view.tpot_slo[extras]
-        due = (first[gi] + view.ttft_slo[extras]
-               + np.maximum(lmax[gi] - 1, 0) * tpot * self.config.branch_stretch)
-        remaining = np.maximum(view.max_new[extras] - view.generated[extras], 0)
-        return due - view.now - remaining * (1.0 - self.config.margin) * tpot
+        comp.deadlines(view)
+        remaining = np.maximum(comp.max_new - view.generated[comp.extras], 0)
+        return comp.due - view.now - remaining * (1.0 - self.config.margin) * comp.tpot
 
     @staticmethod
     def _run_rank(ext_g: np.ndarray) -> np.ndarray:
@@ -271,16 +322,7 @@ class Controller:
         self._end_step(result.end - result.step_time, result.end)
         if not self._promote_starved:  # the baselines never promote: nothing to count
             return
-        # Each held id keeps the observed-step number its current run of holds began
-        # (map/zip: the per-step cost stays in C for hundreds of held branches).
-        step = self._observed
-        self._observed += 1
-        held = d.held_ids()
-        since = self._held_since = dict(zip(held, map(self._held_since.get, held,
-                                                      repeat(step))))
-        first = step - self.config.max_hold_steps + 1  # held since then or earlier: starved
-        self._starved = (frozenset(s for s, k in since.items() if k <= first)
-                         if since and min(since.values()) <= first else frozenset())
+        self._holds.record(d.ids, d.keep, d.held)
 
     def _end_step(self, start: float, end: float) -> None:
         if self._last_end is not None:
@@ -294,5 +336,4 @@ class Controller:
     def held_steps(self, sid: str) -> int:
         """Consecutive steps `sid` has been held as of the last observed step
         (counted for the policies that promote starved branches)."""
-        since = self._held_since.get(sid)
-        return 0 if since is None else self._observed - since
+        return self._holds.held_steps(sid)

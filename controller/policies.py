@@ -90,6 +90,9 @@ class PolicyEntry:
     # miss an SLO that it can still meet (see Controller.admit_prefill)
     prefill_gate: bool = False
     doc: str = ""
+    # admits a prefix of the priority order whose costs fit the budget, so none when
+    # the budget is <= 0: the controller then skips ordering and costing the extras
+    prefix: bool = False
 
 
 POLICIES: dict[str, PolicyEntry] = {}
@@ -97,14 +100,14 @@ POLICIES: dict[str, PolicyEntry] = {}
 
 def register(name: str, usage: str | None = None, takes_arg: bool = False,
              order: str = "global", starvation: bool = False, urgency: bool = False,
-             needs_cost: bool = False, prefill_gate: bool = False):
+             needs_cost: bool = False, prefill_gate: bool = False, prefix: bool = False):
     if order not in ("none", "group", "global"):
         raise ValueError(f"policy {name!r}: unknown order {order!r}")
 
     def deco(make):
         doc = (make.__doc__ or "").strip().split("\n")[0]
         POLICIES[name] = PolicyEntry(name, usage or name, takes_arg, make, order, starvation,
-                                     urgency, needs_cost, prefill_gate, doc)
+                                     urgency, needs_cost, prefill_gate, doc, prefix)
         return make
 
     return deco
@@ -164,7 +167,7 @@ def _cap(k, _cost) -> Policy:
     return admit
 
 
-@register("taper", starvation=True, urgency=True, prefill_gate=True)
+@register("taper", starvation=True, urgency=True, prefill_gate=True, prefix=True)
 def _taper(_k, _cost) -> Policy:
     """Admit extras in priority order while their summed predicted externality
     fits the step's slack budget."""
@@ -175,7 +178,7 @@ def _taper(_k, _cost) -> Policy:
         mask = np.zeros(len(c.extras), dtype=bool)
         if c.budget <= 0 or not len(c.extras):
             return mask
-        n = int(np.searchsorted(np.cumsum(c.costs), c.budget, side="right"))
+        n = int(c.costs.cumsum().searchsorted(c.budget, side="right"))
         mask[:n] = True
         return mask
 

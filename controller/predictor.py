@@ -172,10 +172,33 @@ class StepTimePredictor:
         self._resid = np.zeros(residual_window)
         self._n_resid = 0
         self._margin = 0.0  # seconds, the residual quantile, refreshed as residuals come
+        self._memo: tuple | None = None  # upper(): arguments, weights, margin, value
         self._spike_run = 0  # consecutive steps rejected as spikes
         self.observed = 0  # observations learnt from
         self.outliers_disturbed = 0  # steps not learnt: the engine flagged a pause/control
         self.outliers_spike = 0  # steps not learnt: over outlier_factor x the upper bound
+
+    def tune(self, forgetting: float, upper_quantile: float, residual_window: int,
+             prior_weight: float, weight_floor: float, outlier_factor: float,
+             row_tile: int) -> None:
+        """Change the fit's settings in place, keeping what it has learnt (the
+        weighted sums, the recent residuals, up to `residual_window` of them).
+        The weights are re-solved on the next read."""
+        self.lam = forgetting
+        self.quantile = upper_quantile
+        self._rho_rel = prior_weight
+        self.outlier_factor = outlier_factor
+        self.row_tile = row_tile
+        self._floor[_FLOORED] = weight_floor * np.maximum(self.prior[_FLOORED], 0.0)
+        n, ring = self._n_resid, self._resid
+        recent = ring[:n] if n <= len(ring) else np.roll(ring, -(n % len(ring)))  # oldest first
+        recent = recent[-residual_window:]
+        self._resid = np.zeros(residual_window)
+        self._resid[: len(recent)] = recent
+        self._n_resid = len(recent)
+        if len(recent):
+            self._margin = max(0.0, quantile(recent, self.quantile))
+        self._stale = True
 
     @property
     def outliers(self) -> int:
@@ -191,7 +214,7 @@ class StepTimePredictor:
             a = self._scratch  # A + rho I, without allocating
             np.multiply(self._eye, rho, out=a)
             a += self._A
-            self._set_weights(np.linalg.solve(a, self._b + rho * self.prior))
+            self._set_weights(_solve(a, self._b + rho * self.prior))
         return self._w
 
     @property
@@ -232,6 +255,20 @@ class StepTimePredictor:
         if self._stale:
             self.w  # noqa: B018 (solves)
         return float(self._eff @ self._tiled(x))
+
+    def upper(self, n: int, kv: float, prefill: float) -> float:
+        """predict(features(n, kv, prefill)) + upper_margin, seconds: an upper bound.
+        Remembered for the last arguments while the fit stays (the engines ask for
+        the same queued prefill step after step)."""
+        if self._stale:
+            self.w  # noqa: B018 (solves)
+        memo = self._memo
+        if (memo is not None and memo[0] == (n, kv, prefill) and memo[1] is self._eff
+                and memo[2] == self._margin):
+            return memo[3]
+        value = self.predict(features(n, kv, prefill)) + self._margin
+        self._memo = ((n, kv, prefill), self._eff, self._margin, value)
+        return value
 
     def batch_time(self, x: np.ndarray) -> float:
         """Mean predicted step time, seconds, of *unscaled* features x (n, kv, ...)."""
@@ -291,7 +328,7 @@ class StepTimePredictor:
         self._resid[self._n_resid % len(self._resid)] = y - pred
         self._n_resid += 1
         self._A *= self.lam
-        self._A += np.outer(x, x)
+        self._A += x[:, None] * x  # np.outer(x, x), without its dispatch
         self._b *= self.lam
         self._b += x * y
         self._mass = self.lam * self._mass + 1.0
@@ -305,6 +342,26 @@ class StepTimePredictor:
 
     def model(self) -> StepTimeModel:
         return StepTimeModel(tuple(float(w) for w in self.w), source="online")
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.linalg.solve(a, b), bit for bit, for the fit's small system: the LAPACK
+    routine it calls, without its checks and dispatch (most of its cost at 5x5).
+    A system that does not solve (never, with the ridge prior: a is positive
+    definite) goes through np.linalg.solve, which raises."""
+    if _SOLVE1 is not None:
+        w = _SOLVE1(a, b, signature="dd->d")
+        if w[0] == w[0]:  # a failed solve is all NaN
+            return w
+    return np.linalg.solve(a, b)
+
+
+try:  # numpy's private module: np.linalg.solve's own routine, where this numpy has it
+    from numpy.linalg import _umath_linalg
+
+    _SOLVE1 = _umath_linalg.solve1
+except (ImportError, AttributeError):  # pragma: no cover
+    _SOLVE1 = None
 
 
 def _tile(n: int, tile: int) -> int:

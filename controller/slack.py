@@ -39,6 +39,7 @@ import math
 
 import numpy as np
 
+from controller.composition import Composition
 from controller.view import StepView
 
 
@@ -69,11 +70,18 @@ def queued_slack(view: StepView, margin: float, t_prefill: float) -> float:
 
 
 def step_budget(view: StepView, margin: float, max_banked_tokens: float, gap: float,
-                t_prefill: float = 0.0) -> float:
+                t_prefill: float = 0.0, comp: Composition | None = None) -> float:
     """Seconds the next decode step may take before the tightest latency-critical
     request, running or queued, misses its next (tightened) deadline; see the
-    module docstring. `t_prefill`: seconds of the prefill queued behind the step."""
+    module docstring. `t_prefill`: seconds of the prefill queued behind the step.
+    `comp`: the view's composition, built with the same margin and
+    `max_banked_tokens`, if the caller has it (the same value, fewer operations)."""
     slack = queued_slack(view, margin, t_prefill)
-    if view.critical.any():
+    if comp is not None:
+        # min_i min(d_i - now, B pace_i) = min(min_i d_i - now, min_i B pace_i),
+        # bit for bit: rounding a difference or a product is monotone.
+        if len(comp.crit):
+            slack = min(slack, min(comp.least_deadline(view) - view.now, comp.banked))
+    elif view.critical.any():
         slack = min(slack, float(request_slack(view, margin, max_banked_tokens).min()))
     return slack - gap

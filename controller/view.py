@@ -49,7 +49,7 @@ class StepView:
     has a smaller code): policies use that order to favour older programs.
     """
 
-    ids: Sequence[str]  # request ids
+    ids: Sequence[str]  # request ids: any sequence (a list; an int64 array: the simulator's)
     group: np.ndarray  # int64, branch group code, NO_GROUP (-1) for ordinary requests
     branch: np.ndarray  # int64, branch index within the group
     width: np.ndarray  # int64, the group's width (branches created), 1 if ordinary
@@ -106,11 +106,20 @@ FLOAT_ROWS = 4
 
 def view_from_columns(ids: Sequence[str], ints: np.ndarray, floats: np.ndarray, now: float,
                       *, waiting: int = 0, queued: PrefillView | None = None,
-                      pinned: np.ndarray | None = None) -> StepView:
+                      pinned: np.ndarray | None = None,
+                      generated: np.ndarray | None = None) -> StepView:
     """The view of n sequences from an (INT_ROWS, n) int64 block and a (FLOAT_ROWS, n)
     float64 block with the rows named above. The view's columns are rows of the
-    blocks (no copy): pass blocks the engine will not change during the decision."""
-    group, branch, width, shared, generated, max_new, context, critical = ints[:INT_ROWS]
+    blocks, not copied if the blocks are C-contiguous (else they are copied once
+    here, as a block stacked row by row and transposed is: the decision's many
+    operations on each column then read contiguous memory). Pass blocks the
+    engine will not change during the decision. `generated`: the GENERATED row,
+    if given apart (then the block's is not read: an engine may keep one copy of
+    the fixed rows across steps)."""
+    ints, floats = np.ascontiguousarray(ints), np.ascontiguousarray(floats)
+    group, branch, width, shared, gen, max_new, context, critical = ints[:INT_ROWS]
+    if generated is None:
+        generated = gen
     ttft, tpot, arrival, first = floats[:FLOAT_ROWS]
     return StepView(
         ids=ids, group=group, branch=branch, width=width, kv_len=context + generated,
@@ -138,6 +147,8 @@ class Decision:
     def held_ids(self) -> list[str]:
         """Ids of the held sequences (built on demand, off the decision path)."""
         ids = self.ids
+        if isinstance(ids, np.ndarray):
+            return ids[self.held].tolist()
         return [ids[i] for i in self.held.tolist()]
 
     def kept_ids(self) -> list[str]:

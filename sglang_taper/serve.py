@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # never let a prefix of a --taper flag eat an SGLang flag
         description="Start the SGLang server with TAPER branch admission. Flags other "
         "than --taper-* go to `python -m sglang.launch_server` unchanged.",
+        epilog="At run time: GET /taper/config answers the live settings (the fields "
+        "below, as JSON); POST /taper/config with a JSON object of fields, e.g. "
+        '{"policy": "cap:4"} or {"enabled": false}, changes them between two decode '
+        "steps on every scheduler (HTTP 400 with one line for bad input; the predictor "
+        "keeps its fit). POST needs --admin-api-key when set, else --api-key. cascade, "
+        "cascade_profile and profile are fixed at launch. Figures: GET /taper/stats.",
     )
     for f in fields(TaperConfig):
         if not f.init:

@@ -190,6 +190,7 @@ def aggregate_ranks(ranks: list[dict]) -> dict:
     out["degraded_reason"] = next((r["degraded_reason"] for r in ranks
                                    if r.get("degraded_reason")), None)
     out["regulating"] = all(r.get("regulating", False) for r in ranks)
+    out["enabled"] = all(r.get("enabled", True) for r in ranks)  # TaperConfig.enabled
     kv: dict = {}
     for r in ranks:
         for k, v in (r.get("kv") or {}).items():

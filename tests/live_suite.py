@@ -56,10 +56,10 @@ def _logprobs(out: dict) -> dict:
 
     The first token's logprob is left out: it comes from a prefill batch, and
     when that batch holds a non-greedy request (a prefix warm-up with default
-    sampling params, e.g. from SGLang's n>1 handling or another client) SGLang
-    reports log(softmax) instead of log_softmax, which differs in the last bits
-    (the token does not). TaperEndpoint sends its own warm-ups greedy, so that
-    decode batches here stay all-greedy (sglang_taper/adapter/frontend.py)."""
+    sampling params, from SGLang's n>1 handling, a program's prefix commit or
+    another client) SGLang reports log(softmax) instead of log_softmax, which
+    differs in the last bits (the token does not). Decode batches are all-greedy
+    again once such a request has left (sglang_taper/adapter/greedy.py)."""
     rows = out["meta_info"]["output_token_logprobs"]
     return {"tokens": [tok for _, tok, _ in rows], "decode_logprobs": [lp for lp, _, _ in rows[1:]]}
 

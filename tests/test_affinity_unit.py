@@ -189,7 +189,8 @@ def test_aggregate_ranks_sums_and_keeps_each_rank():
           "kv": {"capacity": 100, "available": 90, "held_reqs": 1}}
     r1 = {**r0, "dp_rank": 1, "steps": 5, "max_group_width": 5,
           "group_width_histogram": {"1": 1, "10": 2}, "groups_seen": {"b": 2},
-          "degraded": True, "degraded_reason": "boom", "faults": 1, "regulating": False}
+          "degraded": True, "degraded_reason": "boom", "faults": 1, "regulating": False,
+          "enabled": False}
     out = aggregate_ranks([r1, r0])
     assert [r["dp_rank"] for r in out["dp_ranks"]] == [0, 1]
     assert out["dp_size"] == 2 and out["steps"] == 15 and out["held_branch_steps"] == 6
@@ -197,6 +198,7 @@ def test_aggregate_ranks_sums_and_keeps_each_rank():
     assert out["group_width_histogram"] == {"1": 3, "3": 1, "10": 2}
     assert out["groups_seen"] == {"a": 4, "b": 2}
     assert out["degraded"] and out["degraded_reason"] == "boom" and not out["regulating"]
+    assert out["enabled"] is False  # switched off on one rank: not on for the server
     assert out["kv"] == {"capacity": 200, "available": 180, "held_reqs": 2}
     assert out["mean_branch_width"] == 2.0
 

@@ -3,11 +3,14 @@ runs two scheduler processes on the CPU engine; every request of a branch group
 (fork branches, n>1 samples with their warm-up, nested groups) goes to one rank,
 both ranks regulate, and the greedy outputs are those of `--dp-size 1`. The
 ranks' own figures (GET /taper/stats?groups=1, per rank under `dp_ranks`) say
-where each group ran."""
+where each group ran. A POST /taper/config reaches both ranks."""
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -49,6 +52,24 @@ def _workload(url: str) -> dict:
         return {name: f.result() for name, f in futures.items()}
 
 
+def _change_config(url: str) -> dict:
+    """POST /taper/config on a server with two ranks: a good change, a bad one."""
+    def post(body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(url + "/taper/config", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    good = post({"policy": "cap:2", "margin": 0.25})
+    bad = post({"margin": -1})
+    ranks = get_json(url + "/taper/stats")["dp_ranks"]
+    return {"good": good, "bad": bad, "get": get_json(url + "/taper/config"),
+            "ranks": [(r["policy"], json.loads(r["config"])) for r in ranks]}
+
+
 @pytest.fixture(scope="module")
 def runs(server_pool):
     out = {}
@@ -62,6 +83,8 @@ def runs(server_pool):
         kv = wait_idle(srv.url, timeout=90)
         after = get_json(srv.url + "/taper/stats?groups=1")
         out[dp] = {"outputs": outputs, "before": before, "after": after, "kv": kv}
+        if dp == 2:
+            out["control"] = _change_config(srv.url)
     server_pool.close()
     return out
 
@@ -126,3 +149,15 @@ def test_kv_back_at_idle(runs):
     for dp in (1, 2):
         kv = runs[dp]["kv"]
         assert kv["available"] + kv["evictable"] == kv["capacity"], (dp, kv)
+
+
+def test_a_config_change_reaches_every_rank(runs):
+    control = runs["control"]
+    status, config = control["good"]
+    assert status == 200 and config["policy"] == "cap:2" and config["margin"] == 0.25
+    assert control["get"] == config
+    assert len(control["ranks"]) == 2
+    for policy, rank_config in control["ranks"]:
+        assert policy == "cap:2" and rank_config == config
+    status, answer = control["bad"]  # every rank refused it, with the same one line
+    assert status == 400 and answer == {"error": "TaperConfig.margin must be in [0, 1), got -1.0"}

@@ -22,10 +22,10 @@ def _endpoint() -> TaperEndpoint:
     return ep
 
 
-def test_prefix_warm_ups_are_greedy_and_untagged():
+def test_prefix_warm_ups_are_untagged_and_unchanged():
     data = {"text": "prefix", "sampling_params": {"max_new_tokens": 0}}
     _endpoint()._add_images(SimpleNamespace(images_=[]), data)
-    assert data["sampling_params"] == {"max_new_tokens": 0, "temperature": 0.0}
+    assert data["sampling_params"] == {"max_new_tokens": 0}
 
 
 def test_a_programs_prefix_commit_names_only_its_program(executors):

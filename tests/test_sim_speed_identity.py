@@ -1,49 +1,69 @@
 """The simulator's results do not change when its implementation is made faster.
 
-The digests below were computed with the engine before its columnar rewrite
-(bench/sim/engine.py of commit 1b8396e, a list of request objects, importing its
-records from bench.records), on these same inputs. They cover every record field
-bit for bit and the simulator's counters, so they also move when the controller,
-`warm_start` or a cost profile changes what the run does. A change to what the
-simulator models changes them on purpose: recompute them with the engine from
-before the change (`git show REV:bench/sim/engine.py`, loaded as a module and
-passed to `digest`) to prove the speed-up alone changed nothing, then with the
-new one, and say which in the commit.
+Each case runs a fixed set of programs through the simulator and hashes every
+record field bit for bit with the simulator's counters. The expected digests
+live in tests/fixtures/sim_identity.json, written by the code from before a
+speed-up (`python -m tests.test_sim_speed_identity --write` run in a checkout
+of that revision, e.g. `git worktree add /tmp/before REV`): a speed-up must
+leave every digest as it is. The cases cover every deployable policy, the
+starvation, urgency and cascade paths of taper's decisions, step noise (the
+RNG), and two replicas behind a router. A digest also moves when the
+controller, `warm_start` or a cost profile changes what the run does: a change
+to what the simulator models rewrites the fixture on purpose, with the code
+from before the change (proving the speed-up alone changed nothing) and then
+with the new one; say which in the commit. The fixture was written by commit
+d15325a, before the simulator and the controller were made faster (issue 15);
+its two original cases kept their earlier digests.
 
-Recomputed once since, on purpose: the engine now takes a program's prompt
-length from the workload (`Program.prompt_tokens`) instead of estimating it
-from the text, and a tool branch's reading counts its call and the tool's
-result in its context (both were under-counted). And the taper digest once
-more when taper began to gate prefills (controller/prefill.py); cap:4's did
-not move. And taper's once more for two changes of what it decides (issue 11),
-each checked to leave the digest alone when switched off: the predictor's
-prior scales with the data, its per-sequence and per-token weights have a
-floor, outliers are not learnt from and residuals use the floored prediction
-(alone: a37b2d5f...); a queued latency-critical request's TTFT budgets the
-step (controller/slack.py). cap:4's did not move.
+History of the two original digests (taper and cap:4 on 120 programs):
+recomputed once when the engine took a program's prompt length from the
+workload and counted a tool branch's call and result in its context; taper's
+again when it began to gate prefills (controller/prefill.py) and for two
+changes of what it decides (issue 11: the predictor's prior scales with the
+data, its weights have a floor, outliers are not learnt from; a queued
+latency-critical request's TTFT budgets the step). cap:4's did not move.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.sim import cost as costs
-from bench.sim import engine as this_engine
+from bench.sim.engine import SimConfig, Simulator
 from bench.sim.run import warm_start
 from bench.workload import Program, Stage
 from controller import Controller, TaperConfig
 
 MEASURED = "measured:bench/sim/profiles/h200_qwen3_32b_decode.json"
 NOISY = "linear:bench/sim/profiles/cpu_tiny_llama.json"  # step noise: exercises the RNG
+FIXTURE = Path(__file__).parent / "fixtures" / "sim_identity.json"
+# The record fields hashed, in their order of the fixture's time: a field added to
+# the records since (as `prompt_tokens`, which the simulator leaves at 0) is not.
+PROGRAM_FIELDS = ("pid", "kind", "arrival", "start", "end", "ttft_slo", "tpot_slo", "stages",
+                  "requests", "error")
+STAGE_FIELDS = ("index", "kind", "start", "end", "width", "longest", "tool_delay")
+REQUEST_FIELDS = ("stage", "branch", "role", "start", "first_token", "end", "token_times",
+                  "output_tokens", "cached_tokens", "error")
 
-EXPECTED = {
-    ("taper", MEASURED): "8f8456a2912cbadb9a002977b04bf06fcd14e6f239c531837e05c8dd5d94498a",
-    ("cap:4", NOISY): "fda7d144eadc4bb3f725df65bad077d2aff67bb3ee97a652386746d4d364351d",
+# name -> (policy, cost model, TaperConfig overrides, replicas, routing)
+CASES: dict[str, tuple[str, str, dict, int, str]] = {
+    "taper": ("taper", MEASURED, {}, 1, ""),
+    "cap:4 noisy": ("cap:4", NOISY, {}, 1, ""),
+    "cap:2": ("cap:2", MEASURED, {}, 1, ""),
+    "off": ("off", MEASURED, {}, 1, ""),
+    "eager noisy": ("eager", NOISY, {}, 1, ""),
+    "taper noisy": ("taper", NOISY, {}, 1, ""),
+    # short starvation, urgency and cascade: the dynamic mandatory sets
+    "taper starve urgent cascade": ("taper", MEASURED, {"max_hold_steps": 6,
+                                                        "urgent_paces": 3.0,
+                                                        "cascade": True}, 1, ""),
+    "taper 2 replicas": ("taper", MEASURED, {}, 2, "round_robin"),
 }
 
 
@@ -91,18 +111,55 @@ def programs(n: int = 120, seed: int = 1) -> list[Program]:
     return out
 
 
-def digest(engine, policy: str, cost_spec: str) -> str:
-    """sha256 of every record field and the simulator's counters after one run of
-    `engine` (a module with `Simulator` and `SimConfig`)."""
+def _fields(obj, names: tuple[str, ...]) -> dict:
+    return {k: getattr(obj, k) for k in names}
+
+
+def _record(p) -> dict:
+    """A program record as `dataclasses.asdict` gave it with PROGRAM_FIELDS."""
+    out = _fields(p, PROGRAM_FIELDS)
+    out["stages"] = [_fields(s, STAGE_FIELDS) for s in p.stages]
+    out["requests"] = [_fields(r, REQUEST_FIELDS) for r in p.requests]
+    return out
+
+
+def run_case(name: str) -> dict:
+    """One case's digest (sha256 of every record field and the counters) and a
+    few figures that say what moved when the digest does."""
+    policy, cost_spec, overrides, replicas, routing = CASES[name]
     cost = costs.load(cost_spec)
-    ctl = Controller(TaperConfig(policy=policy), model=warm_start(cost))
-    sim = engine.Simulator(programs(), cost, ctl, engine.SimConfig(seed=3))
+    cfg = TaperConfig(policy=policy, **overrides)
+    sim_cfg = SimConfig(seed=3)
+    if replicas > 1:
+        from bench.sim.replicas import Cluster
+
+        ctls = [Controller(cfg, model=warm_start(cost)) for _ in range(replicas)]
+        sim = Cluster(programs(), cost, ctls, routing, sim_cfg)
+        engines = sim.replicas
+    else:
+        sim = Simulator(programs(), cost, Controller(cfg, model=warm_start(cost)), sim_cfg)
+        engines = [sim]
     records = sim.run()
-    out = {"records": [dataclasses.asdict(r) for r in records],
-           "server": [sim.steps, sim.branch_steps, sim.held_steps, sim.decode_time, sim.t]}
-    return hashlib.sha256(json.dumps(_plain(out)).encode()).hexdigest()
+    out = {"records": [_record(r) for r in records],
+           "server": [[e.steps, e.branch_steps, e.held_steps, e.decode_time, e.t]
+                      for e in engines]}
+    if replicas == 1:  # the original digests' layout
+        out["server"] = out["server"][0]
+    return {"digest": hashlib.sha256(json.dumps(_plain(out)).encode()).hexdigest(),
+            "decode_steps": sum(e.steps["decode"] for e in engines),
+            "held_steps": sum(e.held_steps for e in engines),
+            "end_s": repr(max(e.t for e in engines))}
 
 
-@pytest.mark.parametrize("policy,cost_spec", list(EXPECTED))
-def test_results_identical_to_the_reference_engine(policy, cost_spec):
-    assert digest(this_engine, policy, cost_spec) == EXPECTED[(policy, cost_spec)]
+@pytest.mark.parametrize("name", list(CASES))
+def test_results_identical_to_the_reference(name):
+    expected = json.loads(FIXTURE.read_text())[name]
+    assert run_case(name) == expected
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python -m tests.test_sim_speed_identity --write")
+    FIXTURE.parent.mkdir(exist_ok=True)
+    FIXTURE.write_text(json.dumps({n: run_case(n) for n in CASES}, indent=1) + "\n")
+    print(f"wrote {FIXTURE}")

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench import options, report
@@ -52,11 +52,15 @@ def _replicas(ns) -> int:
 _CACHE: dict = {}
 
 
+def _setup_key(ns, seed: int) -> tuple[str, int]:
+    return json.dumps(vars(ns), sort_keys=True, default=str), seed
+
+
 def _probe(ns, seed: int, policy: str, rate: float) -> dict:
     from bench.sim.run import simulate
     from controller import TaperConfig
 
-    key = (json.dumps(vars(ns), sort_keys=True, default=str), seed)
+    key = _setup_key(ns, seed)
     if key not in _CACHE:
         _CACHE.clear()
         _CACHE[key] = _setup(ns, seed)
@@ -82,13 +86,28 @@ def _probe(ns, seed: int, policy: str, rate: float) -> dict:
 
 
 def _task(args) -> list[dict]:
-    """One (policy, seed): its grid or its bisection (in a worker process)."""
+    """One (policy, seed): its bisection or one rate of its grid (in a worker
+    process)."""
     ns, seed, policy, spec = args
     log = None
     if not ns.quiet:
         def log(msg: str) -> None:
             print(f"[sim] {policy:11s} seed {seed}: {msg}", file=sys.stderr, flush=True)
     return sweep_one(lambda rate: _probe(ns, seed, policy, rate), spec, log)
+
+
+class _Serial:
+    """ProcessPoolExecutor's `map`, in this process."""
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
 
 
 def sweep_spec(ns, cap: float) -> SweepSpec:
@@ -127,19 +146,26 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
     options.apply_time_scale(ns, first["trace"])  # before the rates resolve
     if ns.save_trace:
         save_jsonl(first["programs"], ns.save_trace)
+    # Probes here and in forked workers reuse these (each seed's workload is
+    # generated once, not again per process); `_setup` does not read the rate.
+    _CACHE.update({_setup_key(ns, s): f for s, f in firsts.items()})
     specs = {s: sweep_spec(ns, firsts[s]["capacity"]) for s in seeds}
     widest = max(st.width for f in firsts.values() for p in f["programs"] for st in p.stages)
     same_as = same_as_eager(policies, widest)
-    tasks = [(ns, s, p, specs[s]) for s in seeds for p in policies if p not in same_as]
+    # A grid's rates are independent probes, one task each, so that a grid of one
+    # policy uses every core too; a bisection is one task (each probe depends on
+    # the last). Runs come back in the order one process would make them.
+    tasks = [(ns, s, p, part) for s in seeds for p in policies if p not in same_as
+             for part in ([specs[s]] if specs[s].auto
+                          else [replace(specs[s], grid=(r,)) for r in specs[s].grid])]
     workers = max(1, min(ns.workers or os.cpu_count() or 1, len(tasks)))
     runs: list[dict] = []
-    if workers == 1:
-        for t in tasks:
-            runs += _task(t)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for out in pool.map(_task, tasks):
-                runs += out
+    probes: dict[tuple[int, str], int] = {}  # a grid's probes, numbered per (seed, policy)
+    with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
+        for (_, s, p, _), out in zip(tasks, pool.map(_task, tasks)):
+            for run in out:
+                run["probe"] = probes[(s, p)] = probes.get((s, p), -1) + 1
+            runs += out
     longest = {s: max(allowance(p, spec_slo) for p in firsts[s]["programs"]) for s in seeds}
     # N engines do N times the work in the same window: the relaxation scales.
     bound = {s: _replicas(ns) * max_rate_bound(firsts[s]["programs"], firsts[s]["cost"],
@@ -173,8 +199,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="TaperConfig settings of the simulated controller (as taper serve's "
                    "--taper-* flags), e.g. prefill_gate=off margin=0.2")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: one per CPU)")
+    p.add_argument("--jobs", "--workers", dest="workers", type=int, default=None,
+                   metavar="N", help="worker processes: (policy, seed) bisections and grid "
+                   "rates run in parallel (default: one per CPU, os.cpu_count())")
     p.add_argument("--quiet", action="store_true", help="no line per probe")
     from bench.sim.replicas import ROUTINGS
 

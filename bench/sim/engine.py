@@ -32,16 +32,15 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.records import ProgramRecord, RequestRecord, StageRecord
 from bench.sim.cost import CostModel
-from bench.sim.state import RunningSet
+from bench.sim.state import RunningSet, WaitingQueue
 from bench.workload import Program
-from controller import Controller, PrefillView, StepResult
+from controller import Controller, PrefillView, StepResult, StepView
 from controller.view import NO_GROUP
 
 _TOOL, _ARRIVAL = 0, 1  # event kinds, in tie-break order
@@ -209,7 +208,9 @@ class Engine:
         self.rng = np.random.default_rng(self.cfg.seed)
         self.gap = self.cfg.gap if self.cfg.gap is not None else getattr(cost, "gap", 0.0)
         self.t = 0.0
-        self.waiting: deque[_Req] = deque()  # FIFO: admission pops from the left
+        self.waiting = WaitingQueue()  # FIFO: admission pops from the left (`queue` appends)
+        self._queued: tuple[tuple[int, int], PrefillView] | None = None  # (tokens, version)
+        self._plan: tuple[tuple, tuple[int, int]] = ((), (0, 0))  # _plan_prefill's last
         self.running = RunningSet()
         self._live: dict[int, _Req] = {}  # rid -> request, for those in `running`
         # Only with cascade attention does a step's cost read the groups' shared
@@ -226,19 +227,38 @@ class Engine:
     def _finish(self, r: _Req, t: float, token_times: list[float]) -> None:
         raise NotImplementedError
 
+    def queue(self, r: _Req) -> None:
+        """Put `r` last in the waiting queue."""
+        self.waiting.append(r, r.group < 0, r.start, r.prog.spec.ttft_slo)
+
     def step(self) -> bool:
         """One scheduling pass: a prefill step if one is admitted, else a decode
         step; False when there is nothing to run."""
-        if self.waiting and self._prefill():
-            return True
+        n, tokens = self._plan_prefill() if self.waiting else (0, 0)
+        view = None
+        if n:
+            if not (self._gated and len(self.running)):
+                self._prefill(n, tokens)
+                return True
+            # Ask a prefill-gating controller whether to prefill now or decode first;
+            # if it defers, the same view decodes.
+            view = self._view(tokens)
+            if self.ctl.admit_prefill(view, view.queued):
+                self._prefill(n, tokens)
+                return True
+            self.deferred_prefills += 1
         if self.running:
-            self._decode()
+            self._decode(view or self._view(tokens))
             return True
         return False
 
     def _plan_prefill(self) -> tuple[int, int]:
         """How many waiting requests (FIFO) the next prefill step takes, and the
-        tokens it computes."""
+        tokens it computes (the last answer while the queue, the KV in use and the
+        running count are as they were)."""
+        state = (self.waiting.version, self.kv_used, len(self.running))
+        if self._plan[0] == state:
+            return self._plan[1]
         n, tokens = 0, 0
         budget = self.cfg.kv_capacity - self.kv_used
         room = self.cfg.max_running - len(self.running)
@@ -250,30 +270,24 @@ class Engine:
             n += 1
             tokens += r.new_tokens
             budget -= need
+        self._plan = (state, (n, tokens))
         return n, tokens
 
-    def _queued(self, tokens: int) -> PrefillView:
-        """The prefill of `tokens` tokens waiting to run, and the latency-critical
-        requests waiting for it."""
-        crit = [r for r in self.waiting if r.group < 0]
-        return PrefillView(tokens, np.fromiter((r.start for r in crit), np.float64, len(crit)),
-                           np.fromiter((r.prog.spec.ttft_slo for r in crit), np.float64,
-                                       len(crit)))
+    def _view(self, tokens: int) -> StepView:
+        """The running sequences' view now. A queued critical request's TTFT budgets
+        the step too (controller/slack.py): `queued` is the prefill of `tokens`
+        tokens the next prefill step would take, and the latency-critical
+        requests waiting for it (None when none waits)."""
+        queued = None
+        if self.waiting:  # the same object while neither the queue nor the tokens change
+            if self._queued is None or self._queued[0] != (tokens, self.waiting.version):
+                self._queued = ((tokens, self.waiting.version),
+                                PrefillView(tokens, *self.waiting.critical()))
+            queued = self._queued[1]
+        return self.running.view(self.t, len(self.waiting), queued)
 
-    def _gate_allows(self, tokens: int) -> bool:
-        """Ask a prefill-gating controller whether to prefill now or decode first."""
-        view = self.running.view(self.t, len(self.waiting))
-        return self.ctl.admit_prefill(view, self._queued(tokens))
-
-    def _prefill(self) -> bool:
-        """Admit what fits from the waiting queue (FIFO) into one prefill step,
-        unless the controller defers it (then False: the engine decodes)."""
-        n, tokens = self._plan_prefill()
-        if not n:
-            return False
-        if self._gated and len(self.running) and not self._gate_allows(tokens):
-            self.deferred_prefills += 1
-            return False
+    def _prefill(self, n: int, tokens: int) -> None:
+        """One prefill step of the first `n` waiting requests, `tokens` tokens."""
         batch = [self.waiting.popleft() for _ in range(n)]
         t_prefill = self.cost.prefill(tokens, len(batch))
         self.ctl.observe_prefill(tokens, t_prefill)
@@ -297,16 +311,11 @@ class Engine:
                              r.prog.context if grouped else 0, r.max_new, r.context,
                              spec.ttft_slo, spec.tpot_slo,
                              r.arrival_group if grouped else r.start, t)
-        return True
 
     def _release(self, r: _Req) -> None:
         self.kv_used -= r.new_tokens + r.max_new
 
-    def _decode(self) -> None:
-        # A queued critical request's TTFT budgets the step too (controller/slack.py);
-        # the prefill it waits for is what the next prefill step would take.
-        queued = self._queued(self._plan_prefill()[1]) if self.waiting else None
-        view = self.running.view(self.t, len(self.waiting), queued)
+    def _decode(self, view: StepView) -> None:
         d = self.ctl.decide(view)
         keep = d.keep
         g = view.group[keep]
@@ -349,7 +358,7 @@ class Simulator(Programs, Engine):
         Programs.__init__(self, programs)
 
     def _submit(self, r: _Req, uncached: int) -> None:
-        self.waiting.append(r)
+        self.queue(r)
 
     def run(self, max_steps: int = 50_000_000) -> list[ProgramRecord]:
         for _ in range(max_steps):

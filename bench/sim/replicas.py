@@ -203,7 +203,7 @@ class Cluster(Programs):
         if e.idle:
             e.t = max(e.t, t)
             e.idle = False
-        e.waiting.append(r)
+        e.queue(r)
 
     def _fire(self, t: float, kind: int, payload) -> None:
         if kind == _DELIVER:

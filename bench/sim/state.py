@@ -1,4 +1,5 @@
-"""The simulator's running decode sequences, kept as numpy columns.
+"""The simulator's request state: the running decode sequences, kept as numpy
+columns (`RunningSet`), and the waiting queue (`WaitingQueue`).
 
 Layout (struct of arrays): `ints` (int64) and `floats` (float64) are 2-D, one
 row per field and one column per running sequence, in admission order, which
@@ -17,6 +18,10 @@ the running sequences, not of the whole run.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from operator import itemgetter
 
 import numpy as np
 
@@ -45,6 +50,10 @@ class RunningSet:
         self.floats = np.zeros((FLOAT_ROWS, capacity), np.float64)
         self.times = np.empty(64 * capacity)  # seconds, the token-time buffer
         self._cursor = 0  # the buffer's first unreserved slot
+        # The views' ids and fixed columns (all but GENERATED), copied when the
+        # membership changes, not every step: the same arrays until then (never
+        # written).
+        self._fixed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.n
@@ -66,14 +75,18 @@ class RunningSet:
                           base)
         self.floats[:, n] = (ttft, tpot, arrival, first)
         self.n = n + 1
+        self._fixed = None
 
     def view(self, now: float, waiting: int, queued: PrefillView | None = None) -> StepView:
         """The controller's view of the running sequences (copies: the controller
         may keep what it is given, and the columns change after the step)."""
         n = self.n
-        return view_from_columns(self.ints[RID, :n].tolist(), self.ints[:INT_ROWS, :n].copy(),
-                                 self.floats[:, :n].copy(), now, waiting=waiting,
-                                 queued=queued)
+        if self._fixed is None:
+            self._fixed = (self.ints[RID, :n].copy(), self.ints[:INT_ROWS, :n].copy(),
+                           self.floats[:, :n].copy())
+        ids, ints, floats = self._fixed
+        return view_from_columns(ids, ints, floats, now, waiting=waiting, queued=queued,
+                                 generated=self.ints[GENERATED, :n].copy())
 
     def advance(self, keep: np.ndarray, end: float) -> np.ndarray:
         """One decode step, ending at `end` (seconds), gave the sequences at
@@ -94,12 +107,10 @@ class RunningSet:
                zip(ints[RID, slots].tolist(), ints[GENERATED, slots].tolist(),
                    ints[BASE, slots].tolist())]
         n = self.n
-        live = np.ones(n, dtype=bool)
-        live[slots] = False
-        m = n - len(slots)
-        ints[:, :m] = ints[:, :n][:, live]
-        self.floats[:, :m] = self.floats[:, :n][:, live]
-        self.n = m
+        _compact(ints, n, slots)
+        _compact(self.floats, n, slots)
+        self.n = n - len(slots)
+        self._fixed = None
         return out
 
     def _pack(self, extra: int) -> None:
@@ -115,3 +126,71 @@ class RunningSet:
         self.times = times
         self.ints[BASE, :n] = start
         self._cursor = live
+
+
+def _compact(block: np.ndarray, n: int, slots: np.ndarray) -> None:
+    """Remove the columns `slots` (ascending) of `block[:, :n]`, keeping the order:
+    the runs between them move left (a few runs: cheaper than a gather of all)."""
+    if len(slots) > 16:
+        live = np.ones(n, dtype=bool)
+        live[slots] = False
+        block[:, :n - len(slots)] = block[:, :n].compress(live, axis=1)
+        return
+    cuts = slots.tolist() + [n]
+    dst = cuts[0]
+    for j in range(len(cuts) - 1):
+        size = cuts[j + 1] - cuts[j] - 1
+        block[:, dst:dst + size] = block[:, cuts[j] + 1:cuts[j + 1]]
+        dst += size
+
+
+class WaitingQueue:
+    """The requests waiting for a prefill, first in first out, with the arrival
+    and TTFT SLO (seconds) of the latency-critical ones among them kept as
+    columns in queue order: the controller reads those before every decode
+    step, so they are kept up to date per request queued or admitted, not
+    gathered from the whole queue per step."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._q: deque[tuple[object, bool]] = deque()  # (request, latency-critical)
+        self._cols = np.empty((2, capacity))  # arrival, TTFT SLO; live in [_head, _tail)
+        self._head = self._tail = 0
+        self.version = 0  # changes whenever the queue does
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __bool__(self) -> bool:
+        return bool(self._q)
+
+    def __iter__(self) -> Iterator:
+        return map(itemgetter(0), self._q)
+
+    def append(self, r, critical: bool, arrival: float, ttft: float) -> None:
+        """Queue `r` last; `critical`: it is latency-critical (its `arrival` and
+        `ttft`, seconds, then budget the decode steps while it waits)."""
+        self._q.append((r, critical))
+        self.version += 1
+        if not critical:
+            return
+        if self._tail == self._cols.shape[1]:
+            # A new block, never an in-place move: columns handed out stay valid.
+            live = self._cols[:, self._head:self._tail]
+            cols = np.empty((2, max(2 * live.shape[1], 256)))
+            cols[:, :live.shape[1]] = live
+            self._cols, self._head, self._tail = cols, 0, live.shape[1]
+        self._cols[:, self._tail] = (arrival, ttft)
+        self._tail += 1
+
+    def popleft(self):
+        r, critical = self._q.popleft()
+        self.version += 1
+        if critical:
+            self._head += 1
+        return r
+
+    def critical(self) -> tuple[np.ndarray, np.ndarray]:
+        """Arrival and TTFT SLO (seconds) of the waiting latency-critical requests,
+        in queue order (read-only views)."""
+        cols = self._cols[:, self._head:self._tail]
+        return cols[0], cols[1]

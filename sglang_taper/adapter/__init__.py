@@ -1,8 +1,9 @@
 """Every access to SGLang internals (sglang==0.5.23) lives in this package:
 `scheduler` (per-step admission hooks), `server` (request validation, n>1
-groups, /taper/stats), `dp` (group-affine data-parallel dispatch), `metrics`
-(Prometheus), `frontend` (the endpoint that tags fork branches). When SGLang
-changes, this package is what changes."""
+groups, /taper/stats), `control` (GET/POST /taper/config), `dp` (group-affine
+data-parallel dispatch), `greedy` (batches' sampling flags recomputed when
+requests leave), `metrics` (Prometheus), `frontend` (the endpoint that tags
+fork branches). When SGLang changes, this package is what changes."""
 
 from __future__ import annotations
 
@@ -34,13 +35,15 @@ def install(config: TaperConfig, slowdown: float = 1.0, fault: str | None = None
     slower machine, for testing that the benchmark's verdict does not depend
     on the machine's speed). `fault`: a point where TAPER's scheduler code raises
     on purpose (adapter/runtime.py FAULT_POINTS), to prove the fail-safe."""
-    from sglang_taper.adapter import dp, scheduler, server
+    from sglang_taper.adapter import control, dp, greedy, scheduler, server
 
     scheduler.install(config, slowdown, fault)
     server.install()
+    control.install()
     dp.install()
+    greedy.install()
     if config.cascade:
         from sglang_taper.adapter import cascade_backend
 
-        cascade_backend.register()
+        cascade_backend.register(config)
     HookRegistry.register(_INTERNAL_STATE, _add_internal_state, HookType.AFTER)

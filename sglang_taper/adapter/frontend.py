@@ -29,7 +29,7 @@ import requests
 from sglang.lang.backend import runtime_endpoint
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.interpreter import StreamExecutor
-from sglang.utils import HttpResponse, http_request
+from sglang.utils import HttpResponse
 
 from sglang_taper.meta import as_label, with_meta
 from sglang_taper.router import ROUTING_KEY_HEADER
@@ -120,14 +120,6 @@ def _http_request(url, body, stream, api_key, verify, method, extra: dict[str, s
         return HttpResponse(e)
 
 
-def _greedy(sp: dict) -> None:
-    """Make a request that samples nothing greedy. SGLang ANDs `is_all_greedy`
-    when a batch merges in and never recomputes it when the request leaves, so
-    one default-temperature warm-up sends the whole running batch down the
-    sampling path (softmax, then log of it for logprobs) until it empties."""
-    sp.setdefault("temperature", 0.0)
-
-
 class TaperEndpoint(RuntimeEndpoint):
     """A RuntimeEndpoint whose requests carry TAPER branch metadata.
 
@@ -148,14 +140,6 @@ class TaperEndpoint(RuntimeEndpoint):
         self.critical_branches = critical_branches
         self.routing_key = routing_key
 
-    def cache_prefix(self, prefix_str: str) -> None:
-        sp = {"max_new_tokens": 0}
-        _greedy(sp)
-        res = http_request(self.base_url + "/generate",
-                           json={"text": prefix_str, "sampling_params": sp},
-                           api_key=self.api_key, verify=self.verify)
-        self._assert_success(res)
-
     def _add_images(self, s, data) -> None:
         # The one call every generation path makes with the executor and the
         # request body in hand, right before the POST.
@@ -168,9 +152,10 @@ class TaperEndpoint(RuntimeEndpoint):
         # Every request names its program run: DP ranks and router workers keep a
         # program (its prefix commits too) in one place.
         fields = {"program": program_key(s) if isinstance(s, StreamExecutor) else None}
-        if sp.get("max_new_tokens") == 0:  # prefix caching / scoring, not a generation
-            _greedy(sp)
-        else:
+        # A warm-up (max_new_tokens 0: prefix caching, scoring) is not a generation:
+        # no SLO, no branch. Its sampling params are left as they are: the server
+        # recomputes a batch's greedy flag when it leaves (adapter/greedy.py).
+        if sp.get("max_new_tokens") != 0:
             fields.update(ttft=self.ttft, tpot=self.tpot)
             branch = getattr(s, _ATTR, None)
             if branch is not None:

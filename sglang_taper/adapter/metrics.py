@@ -29,6 +29,9 @@ class TaperMetrics:
         self.degraded = Gauge("taper_degraded", "1 when TAPER turned its regulation off "
                               "after an error (see /taper/stats degraded_reason)",
                               multiprocess_mode="max")
+        self.enabled = Gauge("taper_enabled", "1 while TAPER's hooks act on the step path "
+                             "(TaperConfig.enabled, POST /taper/config)",
+                             multiprocess_mode="mostrecent")
         self.width = Histogram("taper_group_width", "Branches of one group decoding in a step",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 

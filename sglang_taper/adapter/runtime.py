@@ -28,6 +28,8 @@ logger = logging.getLogger("sglang_taper")
 
 _LOG_EVERY_S = 10.0
 FAULT_POINTS = ("attach", "decide", "split", "observe", "stats")  # where a fault can be injected
+# Fixed at launch: the attention backend and its gate (cascade), the predictor's warm start.
+LAUNCH_ONLY = ("cascade", "cascade_profile", "profile")
 
 
 class InjectedFault(RuntimeError):
@@ -58,6 +60,8 @@ class SchedulerRuntime:
 
     def __init__(self, scheduler, config: TaperConfig, fault: str | None = None) -> None:
         self.config = config
+        # TaperConfig.enabled, read by every hook first: off, they return at once
+        self.enabled = config.enabled
         self.controller = Controller(config)
         self.stats = TaperStats(str(config.policy))
         self.groups = GroupCodes()
@@ -85,8 +89,44 @@ class SchedulerRuntime:
             from sglang_taper.adapter.metrics import TaperMetrics
 
             self._metrics = TaperMetrics()
-        logger.info("TAPER enabled: policy=%s tp_size=%d%s", config.policy, self.tp_size,
+            self._metrics.enabled.set(int(config.enabled))
+        logger.info("TAPER installed: policy=%s enabled=%s tp_size=%d%s", config.policy,
+                    config.enabled, self.tp_size,
                     f" (injecting a fault in {self._fault})" if self._fault else "")
+
+    # ------------------------------------------------------------- run-time control
+
+    def reconfigure(self, changes: dict) -> None:
+        """Apply a JSON object of TaperConfig fields (POST /taper/config), between
+        two steps. Raises ValueError (one line), changing nothing, for a bad field
+        or value or a field fixed at launch. The controller keeps its predictor's
+        fit (Controller.reconfigure); new default SLOs apply to requests that
+        arrive afterwards. Switching off drops the bookkeeping of steps in flight
+        (their results are not observed): the hooks do nothing until it is on;
+        requests that arrived meanwhile are attached, and timed, when first seen."""
+        new = self.config.merged(changes)
+        for name in LAUNCH_ONLY:
+            if getattr(new, name) != getattr(self.config, name):
+                raise ValueError(f"TaperConfig.{name} is fixed at launch; restart the server "
+                                 f"to change it")
+        if new.spec.entry.needs_cost:
+            raise ValueError(f"policy {new.policy}: needs the true step-time model, which "
+                             f"only the simulator has (taper sim)")
+        if new != self.config:
+            self.guard("reconfigure", self._take, new)
+
+    def _take(self, config: TaperConfig) -> None:
+        changed = {k: v for k, v in config.to_dict().items() if getattr(self.config, k) != v}
+        self.controller.reconfigure(config)
+        self.config = config
+        self.stats.policy = str(config.policy)
+        if not config.enabled:
+            self._pending = None
+            self.inflight.clear()
+        self.enabled = config.enabled
+        if self._metrics is not None:
+            self._metrics.enabled.set(int(config.enabled))
+        logger.info("TAPER: config changed: %s", changed)
 
     # ------------------------------------------------------------- fail-safe
 
@@ -467,8 +507,8 @@ class SchedulerRuntime:
         return {
             "dp_rank": _dp_rank(),
             "kv": self.kv_figures(),
-            "enabled": True,
-            "regulating": not self.disabled,
+            "enabled": self.enabled,
+            "regulating": self.enabled and not self.disabled,
             "disabled_reason": self.disabled,
             "batch_invariant": _batch_invariant(),
             "config": self.config.to_json(),

@@ -26,7 +26,9 @@ expects. Steps whose batch cannot be split safely (active penalizers, whose
 orchestrator is shared; speculative decoding; hierarchical sparse attention)
 run whole and are counted as `unsafe_steps`. Every hook runs TAPER's code under
 the runtime's fail-safe (adapter/runtime.py): an error there never reaches
-SGLang.
+SGLang. With `TaperConfig.enabled` off (at launch or by POST /taper/config)
+every per-step hook returns at once, before any controller or view work; a
+part still held out is merged back all the same.
 
 The module layout, one job each: `reqmeta` (per-request metadata, the view),
 `batch` (split, merge, what cannot be split), `runtime` (decide, observe, TP,
@@ -74,7 +76,7 @@ class SchedulerHooks:
 
     def after_create_req(self, req, scheduler, *args, **kwargs):
         rt = self.runtime
-        if rt is not None:
+        if rt is not None and rt.enabled:  # switched off: attached when first regulated
             rt.guard("attach", rt.attach, req)
         return req
 
@@ -100,6 +102,9 @@ class SchedulerHooks:
     # ------------------------------------------------------------ the decode step
 
     def around_update_running(self, original, scheduler, batch, *args, **kwargs):
+        rt = self.runtime
+        if rt is None or not rt.enabled:
+            return original(scheduler, batch, *args, **kwargs)
         self._regulating, self._decided_len = batch, -1
         try:
             return original(scheduler, batch, *args, **kwargs)
@@ -123,7 +128,8 @@ class SchedulerHooks:
 
     def around_prepare_decode(self, original, batch, *args, **kwargs):
         rt = self.runtime
-        if rt is not None and batch is self._regulating and len(batch.reqs) != self._decided_len:
+        if (rt is not None and batch is self._regulating and rt.enabled
+                and len(batch.reqs) != self._decided_len):
             # No decision yet this pass, or a retraction changed the batch since.
             rt.guard("regulate", rt.regulate, batch)
         return original(batch, *args, **kwargs)
@@ -132,7 +138,8 @@ class SchedulerHooks:
         if original(scheduler, running_batch, *args, **kwargs):
             return True  # SGLang's own prefill-decode interval
         rt = self.runtime
-        return rt is not None and bool(rt.guard("prefill_gate", rt.defer_prefill, running_batch))
+        return (rt is not None and rt.enabled
+                and bool(rt.guard("prefill_gate", rt.defer_prefill, running_batch)))
 
     def around_run_batch(self, original, scheduler, batch, *args, **kwargs):
         rt = self.runtime
@@ -146,13 +153,13 @@ class SchedulerHooks:
         result = original(scheduler, batch, *args, **kwargs)
         if self.slowdown > 1.0:  # the forward ran synchronously (CPU, no overlap): stretch it
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
-        if rt is not None and batch.forward_mode.is_decode():
+        if rt is not None and rt.enabled and batch.forward_mode.is_decode():
             rt.guard("on_run", rt.on_run, batch)
         return result
 
     def after_process_result(self, result, scheduler, batch, *args, **kwargs):
         rt = self.runtime
-        if rt is not None and batch is not None:
+        if rt is not None and rt.enabled and batch is not None:
             rt.guard("on_result", rt.on_result, batch)
         return result
 

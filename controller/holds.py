@@ -1,0 +1,155 @@
+"""Runs of holds: how many observed steps in a row each branch has been held,
+for the policies that promote a branch held `max_hold_steps` in a row.
+
+The runs are kept per position of the last observed decision's view, as one
+array. While the next view shows the same ids (the same list or array object,
+equal to a copy taken when it was recorded: an engine that rebuilds its ids
+only when the batch's membership changes, as the simulator does), positions
+are the same sequences and a step costs a few array operations. Otherwise the
+held sequences are matched by id: through a table indexed by id when the ids
+are small non-negative integers in a numpy array (the simulator's request
+numbers), else one dict lookup per held sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import repeat
+
+import numpy as np
+
+NOT_HELD = np.iinfo(np.int64).max  # `since` of a sequence the last step ran
+ID_LIMIT = 1 << 22  # integer ids below this go through the id table (16 bytes per id)
+
+
+class HoldRuns:
+    """The observed step each held sequence's current run of holds began."""
+
+    def __init__(self, max_hold_steps: int) -> None:
+        self.max_hold_steps = max_hold_steps
+        self.steps = 0  # steps recorded
+        self._ids: Sequence = ()  # the last recorded decision's ids (the object)
+        self._snap: list | np.ndarray | None = None  # a copy of them: a list's or an array's
+        self._snap_bytes = b""  # an array's copy, as bytes
+        self._since = np.zeros(0, dtype=np.int64)  # per position of _ids, or NOT_HELD
+        self._held_ids: list | None = []  # the held ids, in position order, when listed
+        self._starved: np.ndarray | None = None  # per position: held max_hold_steps or more
+        self._first = 0  # at the last record, held since this step or earlier: starved
+        # The id table: `since` by id as of the last record, valid where `_stamp` holds
+        # the number of the flush that wrote it (an id seen before but not in the last
+        # record's view is not held, as the dict by id forgets it).
+        self._table_ok = False  # the recorded ids can index the table
+        self._snap_bound = 0  # the table size they need
+        self._table = np.zeros(0, dtype=np.int64)
+        self._stamp = np.zeros(0, dtype=np.int64)
+        self._flushes = 0
+        self._flushed = True  # the last record is in the table
+
+    def _same(self, ids: Sequence) -> bool:
+        """`ids` is the recorded object, unchanged since."""
+        if ids is not self._ids or self._snap is None:
+            return False
+        if isinstance(ids, np.ndarray):
+            return ids.tobytes() == self._snap_bytes
+        return ids == self._snap
+
+    def record(self, ids: Sequence, keep: np.ndarray, held: np.ndarray) -> None:
+        """One observed step, whose decision ran the positions `keep` and held the
+        positions `held` (both ascending) of its view's `ids`."""
+        step = self.steps
+        self.steps += 1
+        bound = None
+        if self._same(ids):
+            since = self._since  # per position still: a held one's run goes on
+            self._held_ids = None
+        elif (bound := _bound(ids)) is not None and self._table_ok:
+            since = self._carried(ids, bound)
+            self._held_ids = None
+        else:
+            by_id = self.by_id()
+            listed = [ids[i] for i in held.tolist()]
+            since = np.full(len(ids), NOT_HELD, dtype=np.int64)
+            since[held] = np.fromiter(map(by_id.get, listed, repeat(NOT_HELD)), np.int64,
+                                      len(listed))
+            self._held_ids = listed
+        if since is not self._since:
+            self._ids, self._table_ok, self._snap_bound = ids, bound is not None, bound
+            self._snap = (ids.copy() if isinstance(ids, np.ndarray) or type(ids) is list
+                          else None)
+            if isinstance(ids, np.ndarray):
+                self._snap_bytes = self._snap.tobytes()
+        np.minimum(since, step, out=since)  # held now, not before: the run starts now
+        if len(since):  # (a passthrough decision runs a batch it shows no ids of)
+            since[keep] = NOT_HELD
+        self._since, self._flushed = since, False
+        self._first = first = step - self.max_hold_steps + 1
+        starved = len(since) and np.minimum.reduce(since) <= first
+        self._starved = since <= first if starved else None
+
+    def _carried(self, ids: np.ndarray, bound: int) -> np.ndarray:
+        """`since` as of the last record for each of `ids` (integers below `bound`,
+        see `_bound`), NOT_HELD for those it did not hold, through the id table."""
+        if not self._flushed:  # write the last record in
+            snap = self._snap
+            self._grow(self._snap_bound)
+            self._flushes += 1
+            self._table[snap] = self._since
+            self._stamp[snap] = self._flushes
+            self._flushed = True
+        self._grow(bound)
+        return np.where(self._stamp[ids] == self._flushes, self._table[ids], NOT_HELD)
+
+    def _grow(self, size: int) -> None:
+        if size > len(self._table):
+            size = max(size, 2 * len(self._table))
+            self._table = np.concatenate([self._table, np.zeros(size - len(self._table),
+                                                                dtype=np.int64)])
+            self._stamp = np.concatenate([self._stamp, np.zeros(size - len(self._stamp),
+                                                                dtype=np.int64)])
+
+    def _names(self, positions: np.ndarray) -> list | np.ndarray:
+        """The recorded ids at `positions` (held ones, ascending)."""
+        if self._held_ids is not None:
+            held = (self._since != NOT_HELD).nonzero()[0]
+            listed = self._held_ids
+            return [listed[k] for k in np.searchsorted(held, positions).tolist()]
+        if isinstance(self._snap, np.ndarray):
+            return self._snap[positions]
+        return [self._snap[i] for i in positions.tolist()]
+
+    def by_id(self) -> dict:
+        """Held id -> the observed step its run of holds began."""
+        held = (self._since != NOT_HELD).nonzero()[0]
+        names = self._names(held)
+        if isinstance(names, np.ndarray):
+            names = names.tolist()
+        return dict(zip(names, self._since[held].tolist()))
+
+    def starved(self, ids: Sequence) -> np.ndarray | None:
+        """A mask over `ids` of the sequences held `max_hold_steps` observed steps
+        in a row or more, or None when there are none."""
+        if self._starved is None:
+            return None
+        if self._same(ids):
+            return self._starved
+        if self._table_ok and (bound := _bound(ids)) is not None:
+            return self._carried(ids, bound) <= self._first
+        names = self._names(self._starved.nonzero()[0])
+        names = set(names.tolist() if isinstance(names, np.ndarray) else names)
+        return np.fromiter((s in names for s in ids), bool, len(ids))
+
+    def held_steps(self, sid) -> int:
+        """Consecutive observed steps `sid` has been held, as of the last one."""
+        since = self.by_id().get(sid)
+        return 0 if since is None else self.steps - since
+
+
+def _bound(ids: Sequence) -> int | None:
+    """The id table's size that `ids` need (their largest + 1), or None if they
+    cannot index it: not a numpy array of integers in [0, ID_LIMIT)."""
+    if not (isinstance(ids, np.ndarray) and ids.dtype.kind in "iu"):
+        return None
+    if not len(ids):
+        return 0
+    top = int(np.maximum.reduce(ids))
+    return top + 1 if np.minimum.reduce(ids) >= 0 and top < ID_LIMIT else None
