@@ -10,11 +10,20 @@ so a group's queries can attend to the shared prefix in one batched operation
 (the prefix is read once for the whole group) and each branch to its own
 suffix. Shapes follow SGLang's decode: one query token per sequence,
 q [B, H, D]; K/V rows [N, KVH, D]; H a multiple of KVH (GQA).
+
+Reading the prefix once does not always pay: the two-level path has fixed
+costs of its own, so `CascadeGate` sends a group down it only where it was
+measured faster than plain attention (the shortest prefix that pays, per group
+width, from `taper profile`; the CPU engine's are `CPU_GATE`).
 """
 
 from __future__ import annotations
 
+import bisect
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,17 +63,43 @@ def merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor,
     return out.to(o1.dtype)
 
 
+def padded_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         valid: torch.Tensor, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query q[i] [H, D] over its own keys/values k[i], v[i]
+    [S, KVH, D], of which only those with valid[i] [S] count: one batched
+    operation for a group's suffixes. Returns out [B, H, Dv] in q's dtype and lse
+    [B, H] (float32); a query with no valid key gets 0 and -inf."""
+    b, h, d = q.shape
+    s, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = h // kvh
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if s == 0:
+        return (q.new_zeros((b, h, dv)),
+                torch.full((b, h), float("-inf"), device=q.device, dtype=acc))
+    qf = q.to(acc).reshape(b * kvh, g, d)
+    kf = k.to(acc).permute(0, 2, 1, 3).reshape(b * kvh, s, d)
+    vf = v.to(acc).permute(0, 2, 1, 3).reshape(b * kvh, s, dv)
+    sc = torch.bmm(qf, kf.transpose(1, 2)) * scale  # [B*KVH, G, S]
+    sc = sc.masked_fill(~valid.repeat_interleave(kvh, 0)[:, None, :], float("-inf"))
+    lse = torch.logsumexp(sc, dim=-1)  # [B*KVH, G]
+    o = torch.bmm(torch.exp(sc - lse.nan_to_num(neginf=0.0)[..., None]), vf)
+    return o.view(b, h, dv).to(q.dtype), lse.view(b, h)
+
+
 def two_level_decode(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                      suffix_k: list[torch.Tensor], suffix_v: list[torch.Tensor],
                      scale: float) -> torch.Tensor:
     """Decode attention of a group: q [B, H, D], one query per branch; the shared
     prefix [P, KVH, D] read once for all B; branch i's own suffix [S_i, KVH, D]."""
+    lens = torch.tensor([len(x) for x in suffix_k])
+    s = int(lens.max()) if len(lens) else 0
+    valid = torch.arange(s)[None, :] < lens[:, None]
+    pad = torch.nn.utils.rnn.pad_sequence
     o1, l1 = attention_lse(q, prefix_k, prefix_v, scale)
-    outs = []
-    for i in range(q.shape[0]):
-        o2, l2 = attention_lse(q[i:i + 1], suffix_k[i], suffix_v[i], scale)
-        outs.append(merge(o1[i:i + 1], l1[i:i + 1], o2, l2))
-    return torch.cat(outs)
+    o2, l2 = padded_attention_lse(q, pad(suffix_k, batch_first=True),
+                                  pad(suffix_v, batch_first=True), valid, scale)
+    return merge(o1, l1, o2, l2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +110,15 @@ class Group:
     prefix_len: int  # tokens of KV shared by all members (same KV slots)
 
 
-def group_layout(kv_rows: list[torch.Tensor], codes: list[int]) -> list[Group]:
+def group_layout(kv_rows: list[torch.Tensor], codes: list[int],
+                 gate: CascadeGate | None = None) -> list[Group]:
     """Groups present in a decode batch with the prefix their members really
     share: the longest common prefix of their KV slot indices (the radix cache
     gives shared tokens the same slots). `kv_rows[i]`: KV slot indices of row i;
     `codes[i]`: its branch group code, negative for an ordinary request.
-    Ordinary requests and groups of one are left out (they take the ordinary path)."""
+    Ordinary requests and groups of one are left out (they take the ordinary
+    path), and so are groups `gate` turns down, before their prefix is even
+    compared when no prefix they could share would pay."""
     members: dict[int, list[int]] = {}
     for i, c in enumerate(codes):
         if c >= 0:
@@ -89,15 +127,110 @@ def group_layout(kv_rows: list[torch.Tensor], codes: list[int]) -> list[Group]:
     for rows in members.values():
         if len(rows) < 2:
             continue
-        first = kv_rows[rows[0]]
         lcp = min(len(kv_rows[r]) for r in rows)
-        for r in rows[1:]:
-            neq = (kv_rows[r][:lcp] != first[:lcp]).nonzero()
-            if len(neq):
-                lcp = int(neq[0, 0])
-        if lcp > 0:
+        if gate is not None and not gate.pays(len(rows), lcp):
+            continue  # not even the longest prefix they could share would pay
+        heads = torch.stack([kv_rows[r][:lcp] for r in rows])  # [B, shortest row]
+        differ = (heads[1:] != heads[0]).any(0).nonzero()
+        if len(differ):
+            lcp = int(differ[0, 0])
+        if lcp > 0 and (gate is None or gate.pays(len(rows), lcp)):
             out.append(Group(tuple(rows), lcp))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    """What one group's two-level attention reads, built once per decode step
+    and used by every layer (the torch path)."""
+
+    rows: torch.Tensor  # int64 [B]: batch rows of its members
+    prefix: torch.Tensor  # int64 [P]: KV slots of the shared prefix
+    suffix: torch.Tensor  # int64 [B, S_max]: each member's own KV slots, padded
+    valid: torch.Tensor  # bool [B, S_max]: which of `suffix` are real
+
+
+def plan_group(kv_rows: list[torch.Tensor], group: Group) -> GroupPlan:
+    """Index tensors of `group` (kv_rows: KV slot indices of every batch row)."""
+    p = group.prefix_len
+    own = [kv_rows[r][p:] for r in group.rows]
+    lens = torch.tensor([len(x) for x in own])
+    s = int(lens.max())
+    valid = torch.arange(s)[None, :] < lens[:, None]
+    suffix = torch.nn.utils.rnn.pad_sequence(own, batch_first=True)
+    # Padding repeats the row's first own slot (a decode row always has one: its
+    # new token), so a masked read never touches a slot no request holds.
+    suffix = torch.where(valid, suffix, suffix[:, :1]).long()
+    return GroupPlan(torch.tensor(group.rows), kv_rows[group.rows[0]][:p].long(), suffix, valid)
+
+
+def decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 plan: GroupPlan, scale: float) -> torch.Tensor:
+    """Two-level decode attention of one group's queries q [B, H, D] over the KV
+    cache [slots, KVH, D]: the prefix gathered once, the suffixes in one batch."""
+    o1, l1 = attention_lse(q, k_cache[plan.prefix], v_cache[plan.prefix], scale)
+    o2, l2 = padded_attention_lse(q, k_cache[plan.suffix], v_cache[plan.suffix], plan.valid,
+                                  scale)
+    return merge(o1, l1, o2, l2)
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeGate:
+    """Which branch groups take the two-level path: a group of B members sharing
+    P prefix tokens does when
+
+        P >= min_prefix[i],   i: the widest measured width <= B
+
+    `min_prefix[i]` is where the two paths' measured attention times cross at
+    width `widths[i]` (`taper profile`). The two-level path reads the prefix once
+    instead of B times but has fixed costs of its own (its extra operations, the
+    merge), so the crossing falls as B grows. Widths between two measured ones
+    take the narrower one's threshold, the higher; below the narrowest, none
+    pays. Deciding costs a bisection over a handful of widths."""
+
+    widths: tuple[int, ...]  # group widths measured, ascending
+    min_prefix: tuple[float, ...]  # tokens, per width; inf: no prefix measured paid
+
+    def __post_init__(self) -> None:
+        w, m = self.widths, self.min_prefix
+        if not w or len(w) != len(m) or any(a >= b for a, b in zip(w, w[1:])) or w[0] < 2:
+            raise ValueError(f"CascadeGate.widths must ascend from >= 2, one per threshold, "
+                             f"got {w!r} for {m!r}")
+        if not all(x >= 0 for x in m):  # NaN fails too
+            raise ValueError(f"CascadeGate.min_prefix must be >= 0 tokens, got {m!r}")
+
+    def pays(self, width: int, prefix: int) -> bool:
+        """True when the two-level path is expected faster for this group."""
+        i = bisect.bisect_right(self.widths, width) - 1
+        return i >= 0 and prefix >= self.min_prefix[i]
+
+    def to_dict(self) -> dict:
+        return {"widths": list(self.widths),
+                "min_prefix": [None if math.isinf(x) else x for x in self.min_prefix]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CascadeGate:
+        return cls(tuple(int(x) for x in data["widths"]),
+                   tuple(math.inf if x is None else float(x) for x in data["min_prefix"]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CascadeGate:
+        """The `cascade` section of a profile written by `taper profile`."""
+        data = json.loads(Path(path).read_text())
+        if "cascade" not in data:
+            raise ValueError(f"{path}: no cascade section (write one with "
+                             f"`taper profile --cascade-only --out {path}`)")
+        return cls.from_dict(data["cascade"])
+
+
+# The CPU engine's gate (the `taper_cascade` backend, tiny Llama: 4 query heads,
+# 2 KV heads, head_dim 32, 2 layers, float32), measured by `taper profile` on a
+# 2-core x86_64 host: groups of 2 need 2K shared tokens, of 4 about 300, wider
+# ones any prefix measured. The same numbers, with the timings they come from,
+# are in bench/sim/profiles/cpu_tiny_llama_cascade.json (a test keeps the two
+# equal); another host may measure its own and pass --taper-cascade-profile.
+CPU_GATE = CascadeGate(widths=(2, 4, 8, 16, 32, 64),
+                       min_prefix=(2180.0, 291.0, 64.0, 64.0, 64.0, 64.0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,12 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_taper.cascade import (
+    CPU_GATE,
+    CascadeGate,
+    Group,
     attention_lse,
+    decode_group,
     group_layout,
+    plan_group,
     plan_two_level,
     run_plan,
     two_level_decode,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HEADS = [(4, 4), (4, 2), (8, 1), (6, 3), (8, 2)]  # (query heads, KV heads): MHA, GQA, MQA
 
@@ -124,3 +134,148 @@ def test_gpu_backend_imports_and_plans_on_cpu():
     rows, codes = _batch(3)
     perm, levels = plan_two_level(rows, group_layout(rows, codes))
     assert len(levels) == 2 and all(lv.kv_indices.dtype == torch.int32 for lv in levels)
+
+
+# ------------------------------------------------------------------ the gate
+
+# The shape of a gate `taper profile` measures on the CPU engine: narrow groups
+# need long prefixes, wide ones pay at any prefix measured.
+GATE = {"widths": [2, 4, 8, 64], "min_prefix": [2000.0, 250.0, 64.0, 64.0]}
+
+
+def test_gate_takes_the_two_level_path_only_where_it_pays():
+    gate = CascadeGate.from_dict(GATE)
+    assert not gate.pays(2, 1024)  # narrow, short: the fixed costs dominate
+    assert gate.pays(2, 2000) and gate.pays(2, 4096)
+    assert not gate.pays(4, 249) and gate.pays(4, 250)
+    assert not gate.pays(7, 249)  # between two widths: the narrower one's threshold
+    assert gate.pays(8, 64) and not gate.pays(8, 63)
+    assert gate.pays(500, 64)  # wider than measured: the widest threshold
+    assert not gate.pays(1, 10_000)  # narrower than measured: never
+    never = CascadeGate.from_dict({"widths": [2, 16], "min_prefix": [None, 128]})
+    assert not never.pays(8, 10**6) and never.pays(16, 128)
+    assert CascadeGate.from_dict(never.to_dict()) == never
+    assert json.loads(json.dumps(never.to_dict()))["min_prefix"] == [None, 128]
+
+
+def test_gate_rejects_bad_thresholds():
+    with pytest.raises(ValueError, match="CascadeGate.widths"):
+        CascadeGate((4, 2), (100.0, 10.0))
+    with pytest.raises(ValueError, match="CascadeGate.widths"):
+        CascadeGate((2, 4), (100.0,))
+    with pytest.raises(ValueError, match="CascadeGate.min_prefix"):
+        CascadeGate((2, 4), (100.0, float("nan")))
+
+
+def test_gate_loads_from_a_profile_and_old_profiles_still_load(tmp_path):
+    from bench.profile import write_cascade
+    from bench.sim.cost import LinearCost
+
+    old = tmp_path / "old.json"
+    LinearCost(a=1e-3, b=2e-4, c=1e-7, e=0.0, f=4e-5).save(old, fitted_s=1.0)
+    with pytest.raises(ValueError, match="no cascade section"):
+        CascadeGate.load(old)
+    write_cascade(old, {**GATE, "grid": []})
+    assert CascadeGate.load(old) == CascadeGate.from_dict(GATE)
+    assert LinearCost.load(old).b == 2e-4  # the step-time model is kept beside it
+
+
+def test_cpu_gate_is_the_committed_profile():
+    data = json.loads((ROOT / "bench/sim/profiles/cpu_tiny_llama_cascade.json").read_text())
+    assert CPU_GATE == CascadeGate.from_dict(data["cascade"])
+    assert data["kind"] == "linear"  # a whole `taper profile` output
+
+
+def _fake_step(rows, codes):
+    """What `_layout` reads of a backend and a decode batch."""
+    width = max(len(r) for r in rows)
+    table = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    backend = SimpleNamespace(req_to_token_pool=SimpleNamespace(req_to_token=table))
+    batch = SimpleNamespace(forward_mode=SimpleNamespace(is_decode=lambda: True),
+                            batch_size=len(rows), req_pool_indices=torch.arange(len(rows)),
+                            seq_lens=torch.tensor([len(r) for r in rows]))
+    return backend, batch
+
+
+def test_groups_the_gate_turns_down_are_ordinary_sequences(monkeypatch):
+    """Both backends build on `_layout`: a group below the gate's threshold is
+    left out, so the FlashInfer plan puts its members at level 0 as ordinary
+    sequences, and the plan still computes plain attention for every row."""
+    from sglang_taper.adapter import cascade_backend
+
+    rows, codes = _batch(4)  # groups of 4 sharing 50 and 5 prefix tokens
+    backend, batch = _fake_step(rows, codes)
+    monkeypatch.setattr(cascade_backend, "_codes", codes)
+    every = cascade_backend._layout(backend, batch, None)[0]
+    assert sorted(g.prefix_len for g in every) == [5, 50]
+    gate = CascadeGate((2,), (20.0,))  # between the two groups' prefixes
+    groups, kv_rows = cascade_backend._layout(backend, batch, gate)
+    assert [g.prefix_len for g in groups] == [50]
+    perm, levels = plan_two_level(kv_rows, groups)
+    assert int(levels[0].qo_indptr[1]) == 4  # one level-0 entry for the group ...
+    assert len(levels[0].qo_indptr) - 1 == 1 + (len(rows) - 4)  # ... every other row alone
+    g = torch.Generator().manual_seed(4)
+    k_cache, v_cache = (torch.randn(10_000, 2, 16, generator=g, dtype=torch.float64)
+                        for _ in range(2))
+    q = torch.randn(len(rows), 4, 16, generator=g, dtype=torch.float64)
+    got = run_plan(q, k_cache, v_cache, perm, levels, 0.25)
+    for i, r in enumerate(kv_rows):
+        want, _ = attention_lse(q[i:i + 1], k_cache[r], v_cache[r], 0.25)
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-9, atol=1e-9)
+    gate_none = CascadeGate((2,), (float("inf"),))
+    assert cascade_backend._layout(backend, batch, gate_none) is None  # plain step
+
+
+def test_backend_group_path_equals_torch_native_decode():
+    """The two functions `taper profile` times against each other compute the
+    same attention (float32, the CPU engine's dtype)."""
+    from sglang_taper.adapter.cascade_backend import plain_decode
+
+    g = torch.Generator().manual_seed(5)
+    prefix, own = torch.arange(300), [torch.arange(300 + 10 * i, 305 + 11 * i) for i in range(6)]
+    rows = [torch.cat([prefix, o]) for o in own]
+    k_cache, v_cache = (torch.randn(400, 2, 32, generator=g) for _ in range(2))
+    q = torch.randn(6, 4, 32, generator=g)
+    plan = plan_group(rows, Group(tuple(range(6)), 300))
+    got = decode_group(q, k_cache, v_cache, plan, 32 ** -0.5)
+    table = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    want = plain_decode(q, k_cache, v_cache, table, torch.arange(6),
+                        torch.tensor([len(r) for r in rows]), 32 ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_profile_measures_a_gate_from_a_small_grid():
+    """`taper profile`'s cascade part on a 2 x 2 x 2 grid (seconds, not minutes):
+    a gate that loads, and that agrees with this machine at the two corners,
+    where the measured difference is several-fold. One thread: two threads on a
+    2-core host shared with other jobs stall for whole time slices."""
+    from bench.profile import cascade_section
+
+    sec = cascade_section(widths=(2, 16), prefixes=(64, 2048), suffixes=(4, 16), reps=5,
+                          threads=1, log=lambda _: None)
+    gate = CascadeGate.from_dict(sec)
+    assert sec["threads"] == 1 and len(sec["grid"]) == 8
+    assert sec["shape"] == {"heads": 4, "kv_heads": 2, "head_dim": 32, "layers": 2,
+                            "dtype": "float32"}
+    assert gate.widths == (2, 16)
+    assert gate.pays(16, 2048) and not gate.pays(2, 64)
+    assert gate.min_prefix[0] >= gate.min_prefix[1]
+    assert sec["check"]["agreement"] >= 0.75
+
+
+def test_min_prefix_is_where_the_measured_ratio_crosses_one():
+    from bench.profile import min_prefixes
+
+    def row(w, p, ratio, s=10):
+        return {"width": w, "prefix": p, "suffix_tokens": s, "plain_s": ratio, "cascade_s": 1.0}
+
+    grid = [row(2, 100, 0.5), row(2, 400, 2.0),  # crosses 1 half-way in log: 200
+            row(4, 100, 1.5), row(4, 400, 3.0),  # pays at the first prefix measured
+            row(8, 100, 0.9), row(8, 400, 0.95),  # never pays ...
+            row(16, 100, 2.0), row(16, 400, 0.8), row(16, 400, 1.2, s=50)]  # ... nor here
+    assert min_prefixes(grid[:4], (2, 4), (100, 400)) == [pytest.approx(200.0), 100.0]
+    assert min_prefixes(grid[6:], (16,), (100, 400)) == [float("inf")]  # worst suffix
+    # Wider groups never paid: the narrower ones' thresholds are raised to match.
+    assert min_prefixes(grid, (2, 4, 8, 16), (100, 400)) == [float("inf")] * 4

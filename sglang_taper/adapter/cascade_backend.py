@@ -1,16 +1,24 @@
 """Cascade attention backends for branch groups (selected with
 `taper serve --taper-cascade`).
 
+Both take the two-level path only for the groups where it pays: a
+`CascadeGate` (sglang_taper/cascade.py) compares the predicted time of plain
+and two-level attention per group, from the group's width, shared prefix and
+own tokens; the other groups are attended as ordinary sequences.
+
 - `taper_cascade` (CPU): derived from SGLang's torch-native backend. In decode
   steps with branch groups, each group's queries attend to the shared prefix in
-  one batched operation, each branch to its own suffix, merged by log-sum-exp;
-  ordinary requests and groups of one take the torch-native path; prefill is
-  the torch-native one.
+  one batched operation and to their own suffixes in another, merged by
+  log-sum-exp; ordinary requests, groups of one and groups the gate turns down
+  take the torch-native path; prefill is the torch-native one. Gate: the
+  `cascade_profile` given, else the CPU engine's measured `CPU_GATE`.
 - `taper_cascade_flashinfer` (GPU): derived from SGLang's FlashInfer backend;
   decode steps with groups run FlashInfer's MultiLevelCascadeAttentionWrapper
   on the two-level plan of `sglang_taper.cascade.plan_two_level`. Eager decode
   only: the captured CUDA graph bakes in the plain decode kernel, so steps with
-  groups must not replay it (run with --disable-cuda-graph).
+  groups must not replay it (run with --disable-cuda-graph). Gate: the
+  `cascade_profile` given; without one every group with a shared prefix takes
+  it (no FlashInfer timings have been measured for a default).
 
 The scheduler hook passes each decode batch's group codes through
 `set_batch_groups` right before the forward (same process, same row order).
@@ -23,7 +31,15 @@ from sglang.srt.layers.attention.attention_registry import register_attention_ba
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_taper.cascade import Group, group_layout, two_level_decode
+from controller.config import TaperConfig
+from sglang_taper.cascade import (
+    CPU_GATE,
+    CascadeGate,
+    Group,
+    decode_group,
+    group_layout,
+    plan_group,
+)
 
 _codes: list[int] | None = None  # group code per row of the batch about to run
 
@@ -33,7 +49,10 @@ def set_batch_groups(codes: list[int] | None) -> None:
     _codes = codes
 
 
-def _layout(backend, forward_batch) -> tuple[list[Group], list[torch.Tensor]] | None:
+def _layout(backend, forward_batch, gate: CascadeGate | None
+            ) -> tuple[list[Group], list[torch.Tensor]] | None:
+    """This decode step's groups that take the two-level path (those `gate`
+    passes; all with a shared prefix if None) and every row's KV slots."""
     codes = _codes
     if codes is None or not forward_batch.forward_mode.is_decode():
         return None
@@ -44,14 +63,27 @@ def _layout(backend, forward_batch) -> tuple[list[Group], list[torch.Tensor]] | 
     pool = forward_batch.req_pool_indices.tolist()
     lens = forward_batch.seq_lens.tolist()
     rows = [req_to_token[pool[i], : lens[i]] for i in range(bs)]
-    groups = group_layout(rows, codes)
+    groups = group_layout(rows, codes, gate)
     return (groups, rows) if groups else None
 
 
 class TaperCascadeAttnBackend(TorchNativeAttnBackend):
+    def __init__(self, model_runner, gate: CascadeGate | None = CPU_GATE):
+        super().__init__(model_runner)
+        self.gate = gate
+        self.cascade = None
+
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        self.cascade = _layout(self, forward_batch)
+        layout = _layout(self, forward_batch, self.gate)
+        if layout is None:
+            self.cascade = None
+            return
+        groups, rows = layout
+        grouped = {r for g in groups for r in g.rows}
+        rest = [i for i in range(len(rows)) if i not in grouped]
+        self.cascade = ([plan_group(rows, g) for g in groups],
+                        torch.tensor(rest, device=forward_batch.seq_lens.device) if rest else None)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         plain = (self.cascade is None or layer.is_cross_attention
@@ -59,7 +91,7 @@ class TaperCascadeAttnBackend(TorchNativeAttnBackend):
                  or layer.qk_head_dim != layer.v_head_dim)
         if plain:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        groups, rows = self.cascade
+        plans, rest = self.cascade
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = torch.empty_like(q)
         if save_kv_cache and k is not None and v is not None:
@@ -70,26 +102,27 @@ class TaperCascadeAttnBackend(TorchNativeAttnBackend):
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         scale = layer.scaling
-        grouped = set()
-        for g in groups:
-            members = list(g.rows)
-            grouped.update(members)
-            pidx = rows[members[0]][: g.prefix_len]
-            sk = [k_cache[rows[r][g.prefix_len:]] for r in members]
-            sv = [v_cache[rows[r][g.prefix_len:]] for r in members]
-            o_[members] = two_level_decode(q_[members], k_cache[pidx], v_cache[pidx], sk, sv,
-                                           scale).to(o_.dtype)
-        rest = [i for i in range(q_.shape[0]) if i not in grouped]
-        if rest:
-            idx = torch.tensor(rest, device=q_.device)
-            sub_o = torch.empty_like(o_[idx])
-            self._run_sdpa_forward_decode(
-                q_[idx].contiguous(), sub_o, k_cache, v_cache,
-                self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[idx],
-                forward_batch.seq_lens[idx], None, scaling=scale,
-                enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, causal=False)
-            o_[idx] = sub_o
+        for plan in plans:
+            o_[plan.rows] = decode_group(q_[plan.rows], k_cache, v_cache, plan,
+                                         scale).to(o_.dtype)
+        if rest is not None:
+            o_[rest] = plain_decode(q_[rest].contiguous(), k_cache, v_cache,
+                                    self.req_to_token_pool.req_to_token,
+                                    forward_batch.req_pool_indices[rest],
+                                    forward_batch.seq_lens[rest], scale)
         return o
+
+
+def plain_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 req_to_token: torch.Tensor, pool_indices: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """SGLang's torch-native decode attention of q [N, H, D], one sequence at a
+    time (what a group the gate turns down gets; `taper profile` times it)."""
+    out = torch.empty_like(q)
+    TorchNativeAttnBackend._run_sdpa_forward_decode(
+        None, q, out, k_cache, v_cache, req_to_token, pool_indices, seq_lens, None,
+        scaling=scale, enable_gqa=q.shape[1] != k_cache.shape[1], causal=False)
+    return out
 
 
 def _flashinfer_backend_class():
@@ -101,9 +134,11 @@ def _flashinfer_backend_class():
     class TaperCascadeFlashInferBackend(FlashInferAttnBackend):
         """Decode steps with branch groups through FlashInfer's two-level cascade."""
 
+        gate: CascadeGate | None = None
+
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
-            self.cascade = _layout(self, forward_batch)
+            self.cascade = _layout(self, forward_batch, self.gate)
             if self.cascade is None:
                 return
             import flashinfer
@@ -144,13 +179,23 @@ def _flashinfer_backend_class():
 NAMES = ("taper_cascade", "taper_cascade_flashinfer")
 
 
-def register() -> None:
-    """Register both backends and let SGLang's argument parser accept their names."""
+def register(config: TaperConfig | None = None) -> None:
+    """Register both backends and let SGLang's argument parser accept their names.
+    Their gate: `config.cascade_profile`'s cascade section if given (a bad file
+    fails here, at start-up), else each backend's default (see the module doc)."""
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
 
+    path = config.cascade_profile if config is not None else None
+    gate = CascadeGate.load(path) if path else None
     for name in NAMES:
         if name not in ATTENTION_BACKEND_CHOICES:
             ATTENTION_BACKEND_CHOICES.append(name)
-    register_attention_backend("taper_cascade")(TaperCascadeAttnBackend)
-    register_attention_backend("taper_cascade_flashinfer")(
-        lambda runner: _flashinfer_backend_class()(runner))
+    register_attention_backend("taper_cascade")(
+        lambda runner: TaperCascadeAttnBackend(runner, gate or CPU_GATE))
+
+    def flashinfer(runner):
+        backend = _flashinfer_backend_class()(runner)
+        backend.gate = gate
+        return backend
+
+    register_attention_backend("taper_cascade_flashinfer")(flashinfer)
