@@ -29,8 +29,10 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -132,6 +134,38 @@ def _table(rows: list[dict], tol: float) -> str:
     return "\n".join(lines)
 
 
+def _write(out: Path, runs: dict, gate: CascadeGate, ns, started: str, load_start,
+           done: int) -> str:
+    """result.json, result.md and command.txt for the repeats done so far."""
+    rows, tol = summarize(runs, gate)
+    table = _table(rows, tol)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                           text=True).stdout.strip()
+    host = f"{platform.node()} {platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+    result = {"started": started, "commit": commit, "dirty": bool(dirty), "host": host,
+              "tokens": ns.tokens, "repeats": ns.repeats, "repeats_done": done,
+              "threads": ns.threads, "load_avg_start_end": [load_start, os.getloadavg()],
+              "gate": gate.to_dict(), "tolerance": tol,
+              "slower": [f"{r['branches']}x{r['prefix_tokens']}" for r in rows
+                         if r["speedup"] < 1 - tol],
+              "cases": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    (out / "result.md").write_text(
+        f"{table}\n\ntolerance {tol:.0%}; {done} of {ns.repeats} repeats\n")
+    (out / "command.txt").write_text(
+        f"# commit {commit}{' + uncommitted changes' if dirty else ''}, {started}, {host} "
+        f"(shared with other jobs; 1-min load {load_start[0]:.1f} at the start)\n"
+        f".venv/bin/python -m bench.cascade_bench --tokens {ns.tokens} --repeats "
+        f"{ns.repeats} --threads {ns.threads}{' --always' if ns.always else ''}"
+        f"{' --cascade-profile ' + ns.cascade_profile if ns.cascade_profile else ''}"
+        f" --out {ns.out}\n")
+    return (f"{table}\ntolerance (two standard errors of a median paired ratio): {tol:.0%}; "
+            f"slower beyond it: {result['slower'] or 'none'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64,
@@ -158,6 +192,8 @@ def main() -> None:
     load_start = os.getloadavg()
     runs: dict[tuple, list[dict]] = {c: [] for c in CASES}
     servers: dict[str, ServerProcess] = {}
+    # On SIGTERM unwind as on Ctrl-C, so that the servers stop; the repeats done stay written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for mode, a in args.items():
             servers[mode] = _start(mode, a, env)
@@ -172,37 +208,11 @@ def main() -> None:
                 print(f"#{rep} B={b:3d} prefix={prefix:5d}: decode step p10 " + ", ".join(
                     f"{m} {1e3 * f['p10']:.2f} ms" if f else f"{m} -"
                     for m, f in figures.items()), flush=True)
+            summary = _write(Path(ns.out), runs, gate, ns, started, load_start, rep + 1)
     finally:
         for srv in servers.values():
             srv.stop()
-    rows, tol = summarize(runs, gate)
-    table = _table(rows, tol)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                           text=True).stdout.strip()
-    host = f"{platform.node()} {platform.machine()}, {len(os.sched_getaffinity(0))} cores"
-    result = {"started": started, "commit": commit, "dirty": bool(dirty), "host": host,
-              "tokens": ns.tokens, "repeats": ns.repeats, "threads": ns.threads,
-              "load_avg_start_end": [load_start, os.getloadavg()], "gate": gate.to_dict(),
-              "noise_tolerance": tol,
-              "slower": [f"{r['branches']}x{r['prefix_tokens']}" for r in rows
-                         if r["speedup"] < 1 - tol],
-              "cases": rows}
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    (out / "result.md").write_text(table + f"\n\nnoise tolerance {tol:.0%}\n")
-    (out / "command.txt").write_text(
-        f"# commit {commit}{' + uncommitted changes' if dirty else ''}, {started}, {host} "
-        f"(shared with other jobs; 1-min load {load_start[0]:.1f} at the start)\n"
-        f".venv/bin/python -m bench.cascade_bench --tokens {ns.tokens} --repeats "
-        f"{ns.repeats} --threads {ns.threads}{' --always' if ns.always else ''}"
-        f"{' --cascade-profile ' + ns.cascade_profile if ns.cascade_profile else ''}"
-        f" --out {ns.out}\n")
-    print(table)
-    print(f"tolerance (two standard errors of a median paired ratio): {tol:.0%}; "
-          f"slower beyond it: {result['slower'] or 'none'}")
+    print(summary)
 
 
 if __name__ == "__main__":
