@@ -136,6 +136,8 @@ class Controller:
                                                 mandatory[comp.order], ext_g)
             admit = self._policy(Candidates(extras, ext_g, rank, counts, costs, budget,
                                             n_mand, x_mand[2], own, slack))
+            if isinstance(admit, int):  # the first `admit` of them
+                admit = slice(admit)
             admitted = extras[admit]
             externality = float(costs[admit].sum())
             mandatory[admitted] = True

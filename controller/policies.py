@@ -4,7 +4,9 @@ applies for each.
 Every policy sees the same prepared `Candidates`: the sequences that must run
 (ordinary requests, latency-critical sequences, each group's base branch, and
 whatever the entry's promotion rules make mandatory) and the optional extra
-branches in the order the entry asks for. A policy returns which extras to admit.
+branches in the order the entry asks for. A policy returns which extras to admit:
+a mask over them, or a count k for their first k (a prefix of the order, which
+the controller then takes without gathering).
 
 Priority order of extras (`order="global"` and `"group"`): least laxity first,
 i.e. the branch with the least time in hand before its stage's deadline given
@@ -63,7 +65,8 @@ class Candidates:
     slack: float = float("inf")  # seconds before the tightest deadline, less the gap
 
 
-Policy = Callable[[Candidates], np.ndarray]  # -> bool mask over c.extras
+# -> bool mask over c.extras, or k: the first k of them
+Policy = Callable[[Candidates], np.ndarray | int]
 
 
 class StepCost(Protocol):
@@ -147,13 +150,13 @@ def make_policy(spec: PolicySpec, cost: StepCost | None = None) -> Policy:
 @register("off", order="none")
 def _off(_k, _cost) -> Policy:
     """No branch parallelism: one branch per group decodes, the rest wait."""
-    return lambda c: np.zeros(len(c.extras), dtype=bool)
+    return lambda c: 0
 
 
 @register("eager", order="none")
 def _eager(_k, _cost) -> Policy:
     """Every branch decodes in every step (stock SGLang behaviour)."""
-    return lambda c: np.ones(len(c.extras), dtype=bool)
+    return lambda c: len(c.extras)
 
 
 @register("cap", usage="cap:K", takes_arg=True, order="group")
@@ -174,13 +177,10 @@ def _taper(_k, _cost) -> Policy:
 
     # The admitted set is a prefix of the priority order, so more budget never
     # admits fewer branches.
-    def admit(c: Candidates) -> np.ndarray:
-        mask = np.zeros(len(c.extras), dtype=bool)
+    def admit(c: Candidates) -> int:
         if c.budget <= 0 or not len(c.extras):
-            return mask
-        n = int(c.costs.cumsum().searchsorted(c.budget, side="right"))
-        mask[:n] = True
-        return mask
+            return 0
+        return int(c.costs.cumsum().searchsorted(c.budget, side="right"))
 
     return admit
 
@@ -191,12 +191,10 @@ def _clairvoyant(_k, cost: StepCost) -> Policy:
     error; each step admits the widest prefix that still meets every critical
     deadline. A per-step greedy, not an upper bound."""
 
-    def admit(c: Candidates) -> np.ndarray:
+    def admit(c: Candidates) -> int:
         m = len(c.extras)
-        mask = np.zeros(m, dtype=bool)
         if np.isinf(c.slack):
-            mask[:] = True
-            return mask
+            return m
         cum = np.cumsum(c.kv_own)
 
         def fits(k: int) -> bool:
@@ -204,7 +202,7 @@ def _clairvoyant(_k, cost: StepCost) -> Policy:
             return cost.decode(c.base_n + k, kv) <= c.slack
 
         if not fits(0):
-            return mask
+            return 0
         lo, hi = 0, m  # the largest k in [0, m] with fits(k); fits is monotone in k
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -212,7 +210,6 @@ def _clairvoyant(_k, cost: StepCost) -> Policy:
                 lo = mid
             else:
                 hi = mid - 1
-        mask[:lo] = True
-        return mask
+        return lo
 
     return admit

@@ -229,3 +229,16 @@ def test_a_passthrough_step_ends_every_run_of_holds():
     assert ctl.held_steps("s3") == 3 and ctl.decide(view).keep.tolist() == [0, 1, 2, 3, 4]
     ctl.observe(StepResult(ctl.passthrough(5, 1500), step_time=0.02, end=14.0))
     assert ctl.held_steps("s3") == 0 and ctl.decide(view).keep.tolist() == [0, 4]
+
+
+def test_a_prefix_sums_as_its_gathered_copy_bit_for_bit():
+    """A policy may answer with a count k; the controller then sums costs[:k], a
+    view, where it summed costs[mask], a copy: numpy's pairwise sum must give
+    the same bits for both."""
+    rng = np.random.default_rng(11)
+    for m in (1, 7, 8, 9, 100, 128, 129, 1000, 5000):
+        costs = rng.uniform(1e-6, 1e-3, m) * rng.choice([1.0, 1e3], m)
+        for k in {0, 1, m // 3, m - 1, m}:
+            mask = np.zeros(m, dtype=bool)
+            mask[:k] = True
+            assert costs[:k].sum().tobytes() == costs[mask].sum().tobytes()
