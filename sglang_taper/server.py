@@ -42,6 +42,20 @@ def stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
         pass
 
 
+def _record_start(cmd: Sequence[str], seconds: float) -> None:
+    """Append one JSON line per server start to $TAPER_SERVER_START_LOG, if set:
+    the test suite counts its server starts (and the time they take) with it."""
+    path = os.environ.get("TAPER_SERVER_START_LOG")
+    if not path:
+        return
+    import json
+
+    row = {"seconds": round(seconds, 2), "args": list(cmd[3:]),
+           "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 class ServerProcess:
     """One server: `taper serve ...` by default, or any SGLang command line.
 
@@ -87,6 +101,7 @@ class ServerProcess:
                 )
             if self.healthy():
                 self.start_seconds = time.monotonic() - t0
+                _record_start(self.cmd, self.start_seconds)
                 return self
             time.sleep(0.25)
         self.stop()
