@@ -125,7 +125,7 @@ class LiveServer:
                  samples: int = 10) -> None:
         self.policy = policy
         self.serve_args = serve_args
-        self.log_path = log_dir / f"server-{policy.replace(':', '')}.log"
+        self.log_path = log_dir / f"server-{policy.replace(':', '').replace('+', '-')}.log"
         self.context = context
         self.samples = samples
         self.proc = None
@@ -133,11 +133,13 @@ class LiveServer:
         self.start_s = 0.0
 
     def __enter__(self) -> LiveServer:
+        from bench.options import live_variant
         from sglang_taper.server import ServerProcess
 
+        policy, extra = live_variant(self.policy)
         t0 = time.monotonic()
-        self.proc = ServerProcess(["--taper-policy", self.policy, "--log-level", "warning",
-                                   *self.serve_args], log_path=self.log_path).start()
+        self.proc = ServerProcess(["--taper-policy", policy, "--log-level", "warning",
+                                   *extra, *self.serve_args], log_path=self.log_path).start()
         self.start_s = time.monotonic() - t0
         asyncio.run(_warm_up(self.url))
         self.calibration = asyncio.run(_calibrate(self.url, self.context, self.samples))

@@ -205,7 +205,9 @@ def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
                    "attainment by bisection (to 5%%); or rates to test, e.g. 25%%,50%%,75%% "
                    "or 0.5,1,2")
     p.add_argument("--policies", default=default_policies,
-                   help=f"comma-separated (default {default_policies})")
+                   help=f"comma-separated (default {default_policies}); live, POLICY+cascade "
+                   "runs POLICY on a server with --taper-cascade in the same run (one "
+                   "calibration, one SLO for both)")
     p.add_argument("--result-dir", default=default_result_dir,
                    help="result.json, result.md and PNG plots go here")
     p.add_argument("--output-file", help="append one JSON line per run here (JSONL)")
@@ -337,6 +339,22 @@ def policies(ns) -> list[str]:
     return [p.strip() for p in ns.policies.split(",") if p.strip()]
 
 
+# Live only: `POLICY+VARIANT` runs POLICY on a server launched with the variant's
+# flags, in the same run as the others (one calibration, one SLO for all).
+LIVE_VARIANTS = {"cascade": ["--taper-cascade"]}
+
+
+def live_variant(label: str) -> tuple[str, list[str]]:
+    """`taper+cascade` -> ("taper", ["--taper-cascade"]); a plain policy -> (it, [])."""
+    policy, plus, variant = label.partition("+")
+    if not plus:
+        return label, []
+    if variant not in LIVE_VARIANTS:
+        raise ValueError(f"policy {label!r}: unknown variant {variant!r} "
+                         f"(known: {', '.join('+' + v for v in LIVE_VARIANTS)})")
+    return policy, list(LIVE_VARIANTS[variant])
+
+
 def validate(ns, live: bool) -> None:
     """Raise ValueError (one line) for bad input, before anything starts."""
     from controller.policies import parse_policy
@@ -349,7 +367,9 @@ def validate(ns, live: bool) -> None:
     workload_config(ns)
     slo_spec(ns)
     for pol in policies(ns):
-        spec = parse_policy(pol)
+        if "+" in pol and not live:
+            raise ValueError(f"policy {pol!r}: variants (+cascade) run live only, in taper bench")
+        spec = parse_policy(live_variant(pol)[0])
         if live and spec.entry.needs_cost:
             raise ValueError(f"policy {pol!r} exists only in the simulator (taper sim)")
     if not policies(ns):

@@ -176,3 +176,37 @@ def test_report_renders(tmp_path):
     assert "| taper | 0 | 1.000 |" in files["markdown"].read_text()
     for name in ("attainment_vs_rate", "tpot_cdf", "width_over_time"):
         assert files[name].stat().st_size > 1000
+
+
+def test_paired_overhead_reads_the_pairs_and_their_spread():
+    from bench.scheduler_bench import paired_overhead
+
+    same = paired_overhead([100.0, 90.0, 110.0], [100.0, 90.0, 110.0])
+    assert same["overhead"] == 0.0 and same["overhead_ci95"] == [0.0, 0.0]
+    # 2% slower in every pair, whatever the host's speed that minute
+    slow = paired_overhead([98.0, 88.2, 107.8], [100.0, 90.0, 110.0])
+    assert abs(slow["overhead"] - 0.02) < 1e-12
+    lo, hi = slow["overhead_ci95"]
+    assert abs(lo - 0.02) < 1e-12 and abs(hi - 0.02) < 1e-12
+    noisy = paired_overhead([99.0, 97.0, 100.0, 96.0], [100.0, 100.0, 100.0, 100.0])
+    lo, hi = noisy["overhead_ci95"]
+    assert lo < noisy["overhead"] < hi and hi > 0.02
+
+
+def test_a_live_variant_is_a_policy_on_a_server_with_more_flags():
+    import argparse
+
+    import pytest
+
+    from bench import options
+
+    assert options.live_variant("taper+cascade") == ("taper", ["--taper-cascade"])
+    assert options.live_variant("cap:4") == ("cap:4", [])
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        options.live_variant("taper+fast")
+    p = argparse.ArgumentParser()
+    options.add_workload_args(p, "off,taper", "results/x")
+    ns = p.parse_args(["--policies", "taper,taper+cascade"])
+    options.validate(ns, live=True)
+    with pytest.raises(ValueError, match="run live only"):
+        options.validate(ns, live=False)
