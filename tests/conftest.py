@@ -14,40 +14,160 @@ import pytest
 from controller.view import Seq, StepView
 
 LOG_DIR = Path(os.environ.get("TAPER_TEST_LOGS", "/tmp/taper-test-logs"))
+# SGLang's KV conservation check after every scheduling pass, in every live test:
+# a leak (or a held request it cannot see) fails an assertion in the scheduler.
+STRICT_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
+
+
+def _env_key(env: dict[str, str], *leave_out: str) -> tuple:
+    """An environment as a key: pytest's own variables (the current test's name)
+    change from test to test and do not make another server."""
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if not k.startswith("PYTEST_") and k not in leave_out))
 
 
 class ServerPool:
-    """Servers keyed by their arguments, at most one alive at a time.
+    """The live tests' servers, kept and reused across tests and modules.
 
-    An idle SGLang scheduler busy-polls a core; on a 2-core machine two live
-    servers would slow each other's tests, so starting one stops the other.
+    Starting a server is most of the live tests' time (about 30 s each on this
+    machine kind, mostly imports), so the pool avoids it three ways:
+    - A `taper serve` whose launch differs from a kept one only in TaperConfig
+      fields that change at run time (policy, margin, max_hold_steps, ...) is
+      not restarted: the pool sets the whole config through POST /taper/config
+      (as `taper serve` with these arguments would start), restarts
+      /taper/stats' counters (POST /taper/stats/reset) and flushes the radix
+      cache, once nothing runs. What stays is the predictor's fit and the warm
+      process, which no test's assertion is about.
+    - Up to `TAPER_TEST_SERVERS` (default 3) servers stay alive, the least
+      recently used stopped first. Each runs with SGLang's `--sleep-on-idle`:
+      an idle scheduler otherwise busy-polls a core, and on 2 cores a parked
+      server would slow the tests of another (measured: 10 CPU-seconds per
+      10 s idle without it, 0 with it).
+    - Every SGLang run here checks KV conservation after each scheduling pass
+      (STRICT_ENV), so configurations that differed only in that share one.
+    `fresh=True` always starts a new server.
     """
 
-    def __init__(self) -> None:
-        self.current = None
-        self.key: tuple | None = None
-        self.starts: dict[tuple, float] = {}
+    def __init__(self, keep: int | None = None) -> None:
+        self.keep = keep or int(os.environ.get("TAPER_TEST_SERVERS", "3"))
+        self.alive: dict[tuple, object] = {}  # key -> server, least recently used first
+        self.starts: list[tuple[tuple, float]] = []
+        self.reconfigured = 0
+
+    @staticmethod
+    def _launch_key(args: Sequence[str], env: dict[str, str]) -> tuple[tuple, dict]:
+        """(what a restart would change, the run-time TaperConfig fields)."""
+        from sglang_taper.adapter.runtime import LAUNCH_ONLY
+        from sglang_taper.plugin import ENV_CONFIG
+        from sglang_taper.serve import build_launch
+
+        launch = build_launch(list(args), base_env=env)
+        config = launch.config.to_dict()
+        fixed = tuple((k, json.dumps(config.pop(k), sort_keys=True)) for k in LAUNCH_ONLY)
+        key = (tuple(launch.cmd), _env_key(launch.env, ENV_CONFIG), fixed)
+        return key, config
 
     def get(self, args: Sequence[str] = (), cmd: Sequence[str] | None = None,
-            env: dict[str, str] | None = None, start_timeout: float = 180.0):
+            env: dict[str, str] | None = None, start_timeout: float = 180.0,
+            fresh: bool = False):
         from sglang_taper.server import ServerProcess
 
-        key = (tuple(args), tuple(cmd or ()), tuple(sorted((env or {}).items())))
-        if self.key == key and self.current is not None and self.current.proc.poll() is None:
-            return self.current
-        self.close()
+        args = list(args)
+        if "--sleep-on-idle" not in args:
+            args.append("--sleep-on-idle")
+        env = {**(env or os.environ), **STRICT_ENV}
+        config = None
+        try:
+            if cmd is not None:
+                raise ValueError("not taper serve")
+            key, config = self._launch_key(args, env)
+        except Exception:  # noqa: BLE001 (not ours to judge: the start will say)
+            key = (tuple(args), tuple(cmd or ()), _env_key(env))
+        server = self.alive.pop(key, None)
+        if server is not None and (fresh or server.proc.poll() is not None):
+            server.stop()
+            server = None
+        if server is not None:
+            self.alive[key] = server  # now the most recently used
+            # a test may have changed the config behind the pool's back: ask
+            if config is None or self._live_config(server, args) == config:
+                return self._hand_over(server)
+            if self._reconfigure(server, args, config):
+                return self._hand_over(server)
+            self.alive.pop(key).stop()
+        while len(self.alive) >= self.keep:
+            self.alive.pop(next(iter(self.alive))).stop()
         name = "-".join(a.strip("-").replace(":", "") for a in args)[:60] or "default"
         server = ServerProcess(args, cmd=cmd, env=env,
                                log_path=LOG_DIR / f"server-{name}-{len(self.starts)}.log")
         server.start(start_timeout)
-        self.starts[key] = server.start_seconds
-        self.current, self.key = server, key
+        self.starts.append((key, server.start_seconds))
+        self.alive[key] = server
+        return self._hand_over(server)
+
+    @staticmethod
+    def _hand_over(server):
+        """`server.log_from`: where the caller's part of the server's log starts."""
+        try:
+            server.log_from = server.log_path.stat().st_size
+        except OSError:
+            server.log_from = 0
         return server
 
+    @staticmethod
+    def _headers(args: Sequence[str], admin: bool) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        # POSTs take the admin key when there is one, GETs the API key
+        for flag in ("--api-key", "--admin-api-key") if admin else ("--api-key",):
+            if flag in args:
+                headers["Authorization"] = "Bearer " + args[list(args).index(flag) + 1]
+        return headers
+
+    def _live_config(self, server, args: Sequence[str]) -> dict | None:
+        from sglang_taper.adapter.runtime import LAUNCH_ONLY
+
+        req = urllib.request.Request(server.url + "/taper/config",
+                                     headers=self._headers(args, admin=False))
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                live = json.loads(r.read())
+        except OSError:
+            return None
+        return {k: v for k, v in live.items() if k not in LAUNCH_ONLY}
+
+    def _reconfigure(self, server, args: Sequence[str], config: dict) -> bool:
+        """The server as if started with `args`; False if it refused."""
+        url = server.url
+        headers = self._headers(args, admin=True)
+        try:
+            wait_idle(url, timeout=120)
+            for path, body in (("/taper/config", config), ("/taper/stats/reset", {})):
+                req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                             headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    if r.status != 200:
+                        return False
+            req = urllib.request.Request(url + "/flush_cache", data=b"", method="POST",
+                                         headers=headers)
+            with urllib.request.urlopen(req, timeout=60) as r:
+                if r.status != 200:
+                    return False
+        except (OSError, AssertionError):  # urllib's HTTPError is an OSError
+            return False
+        self.reconfigured += 1
+        return True
+
+    def stop(self, server) -> None:
+        """Stop one server now (a heavy one, not worth keeping)."""
+        for key, kept in list(self.alive.items()):
+            if kept is server:
+                del self.alive[key]
+        server.stop()
+
     def close(self) -> None:
-        if self.current is not None:
-            self.current.stop()
-        self.current, self.key = None, None
+        """Stop every kept server (before a test that starts its own)."""
+        while self.alive:
+            self.alive.popitem()[1].stop()
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +226,14 @@ def ordinary(sid: str, *, tpot: float = 0.05, generated: int = 8, first_token: f
              kv_len: int = 128, arrival: float = 0.0, ttft: float = 1.0) -> Seq:
     return Seq(sid, kv_len=kv_len, generated=generated, first_token=first_token,
                tpot_slo=tpot, ttft_slo=ttft, arrival=arrival)
+
+
+def server_log(server) -> str:
+    """The server's log since the pool handed it over (a reused server's log
+    holds earlier tests' lines too)."""
+    with open(server.log_path, "rb") as f:
+        f.seek(getattr(server, "log_from", 0))
+        return f.read().decode(errors="replace")
 
 
 def wait_idle(url: str, timeout: float = 60.0, strict: bool = True) -> dict:

@@ -14,8 +14,8 @@ from bench.cli import HEADLINE_LOAD
 pytestmark = pytest.mark.live
 
 
-def bench(server_pool, out, *args: str) -> dict:
-    server_pool.close()  # its idle scheduler would busy-poll a core beside the bench's
+def bench(out, *args: str) -> dict:
+    # The pool's servers sleep while idle (--sleep-on-idle): they stay.
     r = subprocess.run([sys.executable, "-m", "sglang_taper", "bench", "--num-prompts", "6",
                         "--drain", "30", "--no-plots", "--result-dir", str(out), *args],
                        capture_output=True, text=True, timeout=900)
@@ -23,8 +23,8 @@ def bench(server_pool, out, *args: str) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-def test_a_sweep_is_calibrated_and_each_rate_starts_clean(server_pool, tmp_path):
-    res = bench(server_pool, tmp_path, "--policies", "off", "--sweep", "15%,30%")
+def test_a_sweep_is_calibrated_and_each_rate_starts_clean(tmp_path):
+    res = bench(tmp_path, "--policies", "off", "--sweep", "15%,30%")
     cal = res["calibration"]
     assert cal["samples"] >= 10 and cal["tpot_spread"]["n"] >= 10
     assert 0 < cal["tpot_spread"]["p10"] <= cal["tpot_s"] <= cal["tpot_spread"]["p90"]
@@ -41,8 +41,8 @@ def test_a_sweep_is_calibrated_and_each_rate_starts_clean(server_pool, tmp_path)
     assert "off" in res["sweep"]["max_rate"]
 
 
-def test_the_main_job_simulates_then_runs_live_at_its_load(server_pool, tmp_path):
-    res = bench(server_pool, tmp_path, "--policies", "taper")
+def test_the_main_job_simulates_then_runs_live_at_its_load(tmp_path):
+    res = bench(tmp_path, "--policies", "taper")
     fit = json.loads((tmp_path / "live_cost_model.json").read_text())
     assert fit["kind"] == "linear" and fit["a"] > 0 and fit["b"] > 0
     sim = res["sim"]["sweep"]["max_rate"]

@@ -48,6 +48,16 @@ def post_config(url: str, body, key: str | None = ADMIN) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def post_reset(url: str, key: str | None = ADMIN) -> int:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    req = urllib.request.Request(url + "/taper/stats/reset", data=b"{}", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def stats(srv) -> dict:
     return get_json(srv.url + "/taper/stats")
 
@@ -192,3 +202,30 @@ def test_every_metric_the_dashboard_reads_is_exported(srv):
         exported = {re.split(r"[{ ]", line, maxsplit=1)[0]
                     for line in r.read().decode().splitlines() if line.startswith("taper_")}
     assert wanted <= exported, sorted(wanted - exported)
+
+
+def test_stats_reset_restarts_the_counters_and_keeps_the_fit(srv):
+    workload(srv.url)
+    before = stats(srv)
+    assert before["steps"] > 0 and before["held_branch_steps"] > 0
+    steps_metric = _metric(srv.url, "taper_decode_steps_total")
+    assert post_reset(srv.url, key=None) == 401 and post_reset(srv.url, key="wrong") == 401
+    assert stats(srv)["steps"] >= before["steps"]  # refused: nothing reset
+    assert post_reset(srv.url) == 200
+    after = stats(srv)
+    for key in ("steps", "regulated_steps", "held_branch_steps", "branch_steps",
+                "requests_attached", "faults"):
+        assert after[key] == 0, key
+    assert after["group_width_histogram"] == {}
+    # self-timed from zero: no decode step since (passes between requests still run hooks)
+    assert after["overhead"]["decode_seconds"] == 0
+    assert after["overhead"]["hook_seconds"] < before["overhead"]["hook_seconds"]
+    assert after["predictor"]["observed"] == before["predictor"]["observed"] > 0
+    assert after["predictor"]["weights"] == before["predictor"]["weights"]
+    assert after["config"] == before["config"] and not after["degraded"]
+    assert _metric(srv.url, "taper_decode_steps_total") == steps_metric  # never goes back
+    workload(srv.url)
+    again = stats(srv)
+    # counted from zero: exactly the steps since the reset, as the metric saw them
+    assert again["steps"] == _metric(srv.url, "taper_decode_steps_total") - steps_metric > 0
+    assert again["held_branch_steps"] > 0

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import generate, get_json, post_json, wait_idle
+from tests.conftest import generate, get_json, post_json, server_log, wait_idle
 
 pytestmark = pytest.mark.live
 
@@ -55,7 +55,7 @@ def _run(server_pool, policy: str, fault: str | None, *extra: str) -> tuple[list
     # Still serving after the fault, requests of every kind.
     assert generate(srv.url, "after the fault", 8)["meta_info"]["completion_tokens"] == 8
     assert srv.proc.poll() is None
-    return outs, _stats(srv.url), srv.log_path.read_text(errors="replace")
+    return outs, _stats(srv.url), server_log(srv)
 
 
 @pytest.fixture(scope="module")

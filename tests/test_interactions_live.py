@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import LOG_DIR, generate, get_json, post, post_json, wait_idle
+from tests.conftest import LOG_DIR, generate, get_json, post, post_json, server_log, wait_idle
 
 # Each configuration's fixture starts three servers and runs every workload on
 # them inside the first test that asks for it: far past the default 900 s here.
@@ -285,9 +285,10 @@ class PolicyRun:
 COUNTERS = ("steps", "regulated_steps", "unsafe_steps", "held_branch_steps", "branch_steps")
 
 
-def _tracebacks(path) -> list[str]:
+def _tracebacks(srv) -> list[str]:
+    """Tracebacks in the server's log since this policy's run began."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        lines = server_log(srv).splitlines()
     except OSError:
         return ["(no log)"]
     return [f"{i}: " + "\n".join(lines[i:i + 30]) for i, line in enumerate(lines)
@@ -324,7 +325,7 @@ def _run_policy(pool, policy: str, extra: list[str], env: dict, workloads: dict)
             run.serving = out["meta_info"]["completion_tokens"] == 8
         except Exception as e:
             run.errors["final"] = f"{type(e).__name__}: {e}"
-    run.tracebacks = _tracebacks(srv.log_path)
+    run.tracebacks = _tracebacks(srv)
     return run
 
 

@@ -129,10 +129,10 @@ ROUTER_ARGS = ["--health-check-interval-secs", "3600"]
 
 
 @pytest.fixture(scope="module")
-def fleet(server_pool):
+def fleet():
     if not HAVE_ROUTER:
         pytest.skip("sglang-router is not installed (pip install 'sglang-taper[router]')")
-    server_pool.close()  # its idle scheduler would busy-poll a core beside ours
+    # The pool's servers sleep while idle (--sleep-on-idle): they stay.
     f = taper_router.Fleet(2, SERVE_ARGS, router_args=ROUTER_ARGS,
                            log_dir=LOG_DIR / "router-fleet")
     f.start()

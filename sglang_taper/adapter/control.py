@@ -23,6 +23,9 @@ Auth: POST is an admin action, as SGLang's `/set_internal_state`
 (`AuthLevel.ADMIN_OPTIONAL`): with `--admin-api-key` it needs that key, else
 with `--api-key` that one, else none. GET is an ordinary endpoint (like
 `/server_info` and `/taper/stats`): `--api-key` when set.
+
+`POST /taper/stats/reset` (same auth as POST /taper/config) travels the same
+way and restarts `/taper/stats`' counters at zero on every scheduler.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from sglang.srt.utils.auth import AuthLevel, auth_level
 logger = logging.getLogger("sglang_taper")
 
 PATH = "/taper/config"
+RESET_PATH = "/taper/stats/reset"
 
 
 class TaperConfigReq(BaseReq, kw_only=True):
     """To every scheduler: read TAPER's config, or change it."""
 
     changes: str | None = None  # a JSON object of TaperConfig fields; None: only read
+    reset_stats: bool = False  # restart /taper/stats' counters (POST /taper/stats/reset)
 
 
 class TaperConfigReqOutput(BaseReq, kw_only=True):
@@ -75,6 +80,8 @@ def _answer(scheduler, req: TaperConfigReq) -> TaperConfigReqOutput:
         except Exception as e:  # noqa: BLE001 (a control request never takes SGLang down)
             logger.exception("TAPER: could not apply a config change")
             error = f"{type(e).__name__}: {e}"
+    if req.reset_stats and error is None:
+        rt.reset_stats()
     return TaperConfigReqOutput(config=rt.config.to_json(), error=error, dp_rank=rank)
 
 
@@ -95,13 +102,14 @@ def _reply(status: int, body: dict):
     return JSONResponse(body, status_code=status)
 
 
-async def _ask(changes: str | None):
+async def _ask(changes: str | None, reset_stats: bool = False):
     """Send one request to every scheduler and turn their answers into a response."""
     from sglang.srt.entrypoints.http_server import _global_state
 
     manager = _global_state.tokenizer_manager
     manager.auto_create_handle_loop()
-    answers = await manager._taper_config_communicator(TaperConfigReq(changes=changes))
+    answers = await manager._taper_config_communicator(
+        TaperConfigReq(changes=changes, reset_stats=reset_stats))
     answers = sorted(answers, key=lambda a: a.dp_rank or 0)
     ranks = [{"dp_rank": a.dp_rank, "error": a.error,
               "config": None if a.config is None else json.loads(a.config)} for a in answers]
@@ -134,6 +142,15 @@ async def post_config(request: Request):
     return await _ask(json.dumps(body))
 
 
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def post_stats_reset(request: Request):
+    """Restart /taper/stats' counters, histograms and self-timed overhead at zero
+    on every scheduler (the predictor's fit and the config stay; Prometheus
+    counters, which must never go back, keep counting). For comparing policies
+    on one server: switch, reset, run. Answers the live config."""
+    return await _ask(None, reset_stats=True)
+
+
 def _after_tokenizer_init(result, manager, *args, **kwargs):
     from sglang.srt.entrypoints.http_server import app
     from sglang.srt.managers.communicator import FanOutCommunicator
@@ -148,6 +165,7 @@ def _after_tokenizer_init(result, manager, *args, **kwargs):
     if not any(getattr(r, "path", None) == PATH for r in app.routes):
         app.add_api_route(PATH, get_config, methods=["GET"])
         app.add_api_route(PATH, post_config, methods=["POST"])
+        app.add_api_route(RESET_PATH, post_stats_reset, methods=["POST"])
     return result
 
 

@@ -115,6 +115,18 @@ class SchedulerRuntime:
         if new != self.config:
             self.guard("reconfigure", self._take, new)
 
+    def reset_stats(self) -> None:
+        """POST /taper/stats/reset: counters, histograms and self-timed overhead
+        from zero; the predictor, the config, the requests in flight and a
+        degraded state (not a counter) stay."""
+        degraded = self.stats.degraded
+        self.stats = TaperStats(str(self.config.policy))
+        self.stats.degraded = degraded
+        self.hook_seconds = 0.0
+        self.hook_split = {}
+        self.decode_seconds = 0.0
+        self.prefill_seconds = 0.0
+
     def _take(self, config: TaperConfig) -> None:
         changed = {k: v for k, v in config.to_dict().items() if getattr(self.config, k) != v}
         self.controller.reconfigure(config)
