@@ -103,11 +103,13 @@ class ServerPool:
         server.start(start_timeout)
         self.starts.append((key, server.start_seconds))
         self.alive[key] = server
-        return self._hand_over(server)
+        server.log_from = 0  # a new server's whole log is the caller's
+        return server
 
     @staticmethod
     def _hand_over(server):
-        """`server.log_from`: where the caller's part of the server's log starts."""
+        """A kept server for another caller. `server.log_from`: where that
+        caller's part of the server's log starts."""
         try:
             server.log_from = server.log_path.stat().st_size
         except OSError:
