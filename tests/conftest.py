@@ -38,11 +38,14 @@ class ServerPool:
       /taper/stats' counters (POST /taper/stats/reset) and flushes the radix
       cache, once nothing runs. What stays is the predictor's fit and the warm
       process, which no test's assertion is about.
-    - Up to `TAPER_TEST_SERVERS` (default 3) servers stay alive, the least
-      recently used stopped first. Each runs with SGLang's `--sleep-on-idle`:
-      an idle scheduler otherwise busy-polls a core, and on 2 cores a parked
-      server would slow the tests of another (measured: 10 CPU-seconds per
-      10 s idle without it, 0 with it).
+    - Up to `TAPER_TEST_SERVERS` (default 3) servers stay alive; to start
+      another, the one handed out least often is stopped (the least recently
+      used of those), so the plain `taper serve` that most tests share
+      outlives the one-off configurations (a fault, a cascade profile). Each
+      runs with SGLang's `--sleep-on-idle`: an idle scheduler otherwise
+      busy-polls a core, and on 2 cores a parked server would slow the tests
+      of another (measured: 10 CPU-seconds per 10 s idle without it, 0
+      with it).
     - Every SGLang run here checks KV conservation after each scheduling pass
       (STRICT_ENV), so configurations that differed only in that share one.
     `fresh=True` always starts a new server.
@@ -51,6 +54,7 @@ class ServerPool:
     def __init__(self, keep: int | None = None) -> None:
         self.keep = keep or int(os.environ.get("TAPER_TEST_SERVERS", "3"))
         self.alive: dict[tuple, object] = {}  # key -> server, least recently used first
+        self.uses: dict[tuple, int] = {}  # key -> times handed out
         self.starts: list[tuple[tuple, float]] = []
         self.reconfigured = 0
 
@@ -83,6 +87,7 @@ class ServerPool:
             key, config = self._launch_key(args, env)
         except Exception:  # noqa: BLE001 (not ours to judge: the start will say)
             key = (tuple(args), tuple(cmd or ()), _env_key(env))
+        self.uses[key] = self.uses.get(key, 0) + 1
         server = self.alive.pop(key, None)
         if server is not None and (fresh or server.proc.poll() is not None):
             server.stop()
@@ -96,7 +101,8 @@ class ServerPool:
                 return self._hand_over(server)
             self.alive.pop(key).stop()
         while len(self.alive) >= self.keep:
-            self.alive.pop(next(iter(self.alive))).stop()
+            least = min(self.alive, key=lambda k: self.uses[k])  # the first such: LRU
+            self.alive.pop(least).stop()
         name = "-".join(a.strip("-").replace(":", "") for a in args)[:60] or "default"
         server = ServerProcess(args, cmd=cmd, env=env,
                                log_path=LOG_DIR / f"server-{name}-{len(self.starts)}.log")
