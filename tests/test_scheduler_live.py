@@ -21,11 +21,11 @@ STRICT = {**os.environ, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
 POLICIES = ["eager", "off", "cap:2", "taper"]
 
 
-def server(pool, policy: str, *extra: str):
+def server(pool, policy: str, *extra: str, fresh: bool = False):
     # Branches here wait far longer than 16 steps under off and cap:2: the
     # baselines must still never promote (taper alone bounds a wait).
     return pool.get(["--taper-policy", policy, "--taper-max-hold-steps", "16", *extra],
-                    env=STRICT)
+                    env=STRICT, fresh=fresh)
 
 
 def stats(srv) -> dict:
@@ -167,7 +167,9 @@ def test_taper_defers_a_long_prefill_a_critical_request_cannot_absorb(server_poo
     request is lost either way."""
     out = {}
     for policy in ("taper", "eager"):
-        srv = server(server_pool, policy)
+        # A new server: its prefill predictor learns from exactly the one long
+        # prefill below (a kept one's has fitted every earlier test's prefills).
+        srv = server(server_pool, policy, fresh=True)
         wait_idle(srv.url)
         # The idle server's TPOT, and one long prefill so the gate has seen one.
         t0 = time.monotonic()
