@@ -56,7 +56,6 @@ class ServerPool:
         self.alive: dict[tuple, object] = {}  # key -> server, least recently used first
         self.uses: dict[tuple, int] = {}  # key -> times handed out
         self.starts: list[tuple[tuple, float]] = []
-        self.reconfigured = 0
 
     @staticmethod
     def _launch_key(args: Sequence[str], env: dict[str, str]) -> tuple[tuple, dict]:
@@ -149,20 +148,15 @@ class ServerPool:
         headers = self._headers(args, admin=True)
         try:
             wait_idle(url, timeout=120)
-            for path, body in (("/taper/config", config), ("/taper/stats/reset", {})):
+            for path, body in (("/taper/config", config), ("/taper/stats/reset", {}),
+                               ("/flush_cache", {})):
                 req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
                                              headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=60) as r:
                     if r.status != 200:
                         return False
-            req = urllib.request.Request(url + "/flush_cache", data=b"", method="POST",
-                                         headers=headers)
-            with urllib.request.urlopen(req, timeout=60) as r:
-                if r.status != 200:
-                    return False
         except (OSError, AssertionError):  # urllib's HTTPError is an OSError
             return False
-        self.reconfigured += 1
         return True
 
     def stop(self, server) -> None:

@@ -35,12 +35,13 @@ def srv(server_pool):
                             "--admin-api-key", ADMIN], env=STRICT)
 
 
-def post_config(url: str, body, key: str | None = ADMIN) -> tuple[int, dict]:
+def post_config(url: str, body, key: str | None = ADMIN,
+                path: str = "/taper/config") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url + "/taper/config", data=data, headers=headers)
+    req = urllib.request.Request(url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -49,13 +50,7 @@ def post_config(url: str, body, key: str | None = ADMIN) -> tuple[int, dict]:
 
 
 def post_reset(url: str, key: str | None = ADMIN) -> int:
-    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
-    req = urllib.request.Request(url + "/taper/stats/reset", data=b"{}", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
+    return post_config(url, {}, key, path="/taper/stats/reset")[0]
 
 
 def stats(srv) -> dict:
