@@ -20,6 +20,7 @@ from controller.slack import step_budget
 from controller.view import Decision, PrefillView, StepResult, StepView
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+UNSEEN_BATCH = 64  # passthrough steps learnt from in one go (Controller.observe_passthrough)
 
 
 def _fit_settings(c: TaperConfig) -> dict:
@@ -58,6 +59,7 @@ class Controller:
         self._gaps = np.zeros(64)  # seconds between a step's end and the next decision
         self._n_gaps = 0
         self.gap = 0.0  # seconds, recent 90th percentile of those gaps
+        self._unseen: list[tuple] = []  # passthrough steps not learnt from yet
         self._apply(config)
 
     def _apply(self, config: TaperConfig) -> None:
@@ -85,6 +87,7 @@ class Controller:
         (runs of holds, a deferred prefill); so does the gap's reference step, so
         the time spent under the old settings (or switched off) is not a gap.
         `config.profile` is a warm start: a new one is not loaded."""
+        self.flush()
         fit = _fit_settings(config)
         if fit != _fit_settings(self.config):
             self.predictor.tune(**fit)
@@ -97,6 +100,8 @@ class Controller:
         """Choose which sequences of `view` decode in the next step."""
         if not len(view):
             return Decision(_EMPTY, _EMPTY, 0, math.inf, 0.0, 0.0, np.zeros(len(SCALE)), ())
+        if self._unseen:
+            self.flush()
         mandatory, comp, dynamic = self._mandatory(view)
         extras, lax, part = self._optional(view, comp, mandatory, dynamic)
         x_mand = self._features(view, mandatory)
@@ -230,6 +235,8 @@ class Controller:
         if not (self._prefill_gate and len(view) and view.critical.any()):
             self._deferring = False
             return True
+        if self._unseen:
+            self.flush()
         t_prefill = self._prefill_time(prefill.tokens)
         # A waiting critical request that would miss its TTFT after even the shortest
         # decode step (the gap alone: a batch's predicted time is >= 0) makes the
@@ -318,6 +325,8 @@ class Controller:
 
     def observe(self, result: StepResult) -> None:
         """Learn from a finished step: refit the predictor, track held branches."""
+        if self._unseen:
+            self.flush()
         d = result.decision
         if len(d.keep):
             self.predictor.update(d.features, result.step_time, result.disturbed)
@@ -325,6 +334,59 @@ class Controller:
         if not self._promote_starved:  # the baselines never promote: nothing to count
             return
         self._holds.record(d.ids, d.keep, d.held)
+
+    def observe_passthrough(self, n_seqs: int, kv_tokens: int, step_time: float, end: float,
+                            disturbed: bool = False) -> None:
+        """What observe(StepResult(passthrough(n_seqs, kv_tokens), ...)) learns,
+        for a step the controller was not asked about, at a fraction of its
+        cost: the step is kept, and up to `UNSEEN_BATCH` of them are learnt in
+        one go (StepTimePredictor.update_many) when the controller is next read
+        (`flush`: decide, admit_prefill, observe, reconfigure) or the batch is
+        full. A server without branches in its load pays this on every step."""
+        unseen = self._unseen
+        unseen.append((n_seqs, kv_tokens, step_time, end, disturbed))
+        if len(unseen) >= UNSEEN_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Learn from the passthrough steps kept by observe_passthrough (readers
+        of the predictor, the gap or the holds outside decide/observe call it)."""
+        unseen = self._unseen
+        if not unseen:
+            return
+        self._unseen = []
+        a = np.array(unseen, dtype=np.float64)
+        n, kv, step_time, end = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+        x = np.zeros((len(a), len(SCALE)))
+        x[:, 0] = 1.0
+        x[:, 1] = n
+        x[:, 2] = kv
+        x /= SCALE
+        self.predictor.update_many(x, step_time, a[:, 4] != 0)
+        self._end_steps(end - step_time, end)
+        if self._promote_starved:
+            self._holds.record_unseen(len(a))
+
+    def _end_steps(self, start: np.ndarray, end: np.ndarray) -> None:
+        """_end_step for steps in order (the gap estimate refreshed once)."""
+        if self._last_end is None:
+            self._last_end = float(end[0])
+            start, end = start[1:], end[1:]
+        k = len(end)
+        if not k:
+            return
+        prev = np.empty(k)
+        prev[0] = self._last_end
+        prev[1:] = end[:-1]
+        gaps = np.maximum(start - prev, 0.0)
+        ring = self._gaps
+        if k > len(ring):
+            self._n_gaps += k - len(ring)
+            gaps = gaps[-len(ring):]
+        ring[(self._n_gaps + np.arange(len(gaps))) % len(ring)] = gaps
+        self._n_gaps += len(gaps)
+        self.gap = quantile(ring[: min(self._n_gaps, len(ring))], 0.9)
+        self._last_end = float(end[-1])
 
     def _end_step(self, start: float, end: float) -> None:
         if self._last_end is not None:
@@ -338,4 +400,5 @@ class Controller:
     def held_steps(self, sid: str) -> int:
         """Consecutive steps `sid` has been held as of the last observed step
         (counted for the policies that promote starved branches)."""
+        self.flush()
         return self._holds.held_steps(sid)

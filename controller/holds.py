@@ -20,6 +20,7 @@ import numpy as np
 
 NOT_HELD = np.iinfo(np.int64).max  # `since` of a sequence the last step ran
 ID_LIMIT = 1 << 22  # integer ids below this go through the id table (16 bytes per id)
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 class HoldRuns:
@@ -85,6 +86,18 @@ class HoldRuns:
         self._first = first = step - self.max_hold_steps + 1
         starved = len(since) and np.minimum.reduce(since) <= first
         self._starved = since <= first if starved else None
+
+    def record_unseen(self, steps: int) -> None:
+        """`steps` observed steps in a row that ran a batch without showing its
+        ids (passthrough decisions: nothing held), as many `record` calls would
+        take them: every run of holds ends."""
+        if steps <= 0:
+            return
+        if len(self._since) or not (type(self._ids) is tuple and not self._ids):
+            self.record((), _NONE, _NONE)
+            steps -= 1
+        self.steps += steps
+        self._first = self.steps - self.max_hold_steps
 
     def _carried(self, ids: np.ndarray, bound: int) -> np.ndarray:
         """`since` as of the last record for each of `ids` (integers below `bound`,

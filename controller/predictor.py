@@ -340,6 +340,54 @@ class StepTimePredictor:
             self._margin = max(0.0, quantile(filled, self.quantile))
         return True
 
+    def update_many(self, x: np.ndarray, y: np.ndarray, disturbed: np.ndarray) -> None:
+        """Observations in order, in one go: rows of scaled features `x`, measured
+        step times `y` (seconds), and which were `disturbed` (counted, not learnt).
+
+        The weighted sums, the mass and the counts come out as from `update` on
+        each row in turn (to rounding). Cheaper, and two things coarser: every
+        a-priori residual is taken against the weights solved before the batch
+        (`update` re-solves every 8 observations when nothing reads the fit) and
+        the upper margin is refreshed once, at the end. A batch in which any step
+        would be rejected as a spike goes through `update` row by row instead."""
+        self.outliers_disturbed += int(np.count_nonzero(disturbed))
+        if disturbed.any():
+            x, y = x[~disturbed], y[~disturbed]
+        k = len(y)
+        if not k:
+            return
+        if self._stale:
+            self.w  # noqa: B018 (solves)
+        if self.row_tile:
+            x = x.copy()
+            n = np.rint(x[:, 1] * SCALE[1]).astype(np.int64)
+            x[:, 1] = -(-n // self.row_tile) * self.row_tile / SCALE[1]
+        pred = x @ self._eff
+        warm = self.observed + np.arange(k) >= self.outlier_warmup
+        if (warm & (y > self.outlier_factor * (pred + self._margin))).any():
+            for xi, yi in zip(x, y.tolist()):  # the spike rules are sequential
+                self.update(xi, yi)
+            return
+        self._spike_run = 0
+        decay = self.lam ** np.arange(k - 1, -1, -1)  # lambda^(k-1-i): row i's weight now
+        lam_k = self.lam ** k
+        xw = x * decay[:, None]
+        self._A *= lam_k
+        self._A += xw.T @ x
+        self._b *= lam_k
+        self._b += xw.T @ y
+        self._mass = lam_k * self._mass + float(decay.sum())
+        ring, resid = self._resid, y - pred
+        if k > len(ring):  # only the last window's worth is kept
+            self._n_resid += k - len(ring)
+            resid = resid[-len(ring):]
+        ring[(self._n_resid + np.arange(len(resid))) % len(ring)] = resid
+        self._n_resid += len(resid)
+        self._stale = True
+        self._pending += k
+        self.observed += k
+        self._margin = max(0.0, quantile(ring[: min(self._n_resid, len(ring))], self.quantile))
+
     def model(self) -> StepTimeModel:
         return StepTimeModel(tuple(float(w) for w in self.w), source="online")
 

@@ -242,3 +242,66 @@ def test_a_prefix_sums_as_its_gathered_copy_bit_for_bit():
             mask = np.zeros(m, dtype=bool)
             mask[:k] = True
             assert costs[:k].sum().tobytes() == costs[mask].sum().tobytes()
+
+
+def test_passthrough_steps_kept_end_every_run_of_holds_too():
+    """observe_passthrough (the cheap form a server without branches pays) ends
+    runs of holds as observing a passthrough decision does, once read."""
+    seqs = [Seq(f"s{i}", group=0, branch=i, width=4, kv_len=300, shared_len=200,
+                generated=5, first_token=0.1) for i in range(4)]
+    seqs.append(Seq("serial", kv_len=100, generated=5, first_token=0.1, tpot_slo=0.05))
+    ctl = Controller(TaperConfig(policy="taper", max_hold_steps=3))
+    view = StepView.from_seqs(seqs, now=10.0)
+    for step in range(3):
+        ctl.observe(StepResult(ctl.decide(view), step_time=0.02, end=10.0 + step))
+    ctl.observe_passthrough(5, 1500, 0.02, 14.0)
+    assert ctl.held_steps("s3") == 0 and ctl.decide(view).keep.tolist() == [0, 4]
+    for step in range(3):  # the runs start again from zero
+        ctl.observe(StepResult(ctl.decide(view), step_time=0.02, end=15.0 + step))
+    assert ctl.held_steps("s3") == 3 and ctl._holds.steps == 7
+
+
+@pytest.mark.parametrize("row_tile", [0, 16])
+def test_passthrough_steps_learnt_in_one_go_fit_as_one_by_one(row_tile):
+    """Kept passthrough steps leave the fit, the counts, the gap estimate and the
+    decisions where observing each passthrough decision would (to rounding);
+    a disturbed step is counted and not learnt, a spike goes through the
+    one-by-one rules."""
+    rng = np.random.default_rng(5)
+    one = Controller(TaperConfig(policy="taper", row_tile=row_tile))
+    kept = Controller(TaperConfig(policy="taper", row_tile=row_tile))
+    t = 0.0
+    for i in range(300):
+        n = int(rng.integers(1, 64))
+        kv = int(rng.integers(100, 20000))
+        y = 0.002 + 1e-4 * n + 2e-8 * kv + float(rng.normal(0, 1e-4))
+        if i == 250:
+            y *= 50  # a spike, past the outlier warm-up
+        t += y + 0.001
+        disturbed = i % 97 == 13
+        one.observe(StepResult(one.passthrough(n, kv), step_time=y, end=t, disturbed=disturbed))
+        kept.observe_passthrough(n, kv, y, t, disturbed)
+    kept.flush()
+    a, b = one.predictor, kept.predictor
+    assert (a.observed, a.outliers_disturbed, a.outliers_spike) == (
+        b.observed, b.outliers_disturbed, b.outliers_spike)
+    assert b.outliers_spike == 1 and b.outliers_disturbed == 3
+    np.testing.assert_allclose(a._A, b._A, rtol=1e-9)
+    np.testing.assert_allclose(a._b, b._b, rtol=1e-9)
+    np.testing.assert_allclose(a.w, b.w, rtol=1e-6)
+    np.testing.assert_allclose(a.upper_margin, b.upper_margin, rtol=0.25)
+    assert one.gap == pytest.approx(kept.gap, rel=1e-6)
+
+
+def test_a_decision_reads_the_passthrough_steps_kept_before_it():
+    ctl = Controller(TaperConfig(policy="taper"))
+    for i in range(10):
+        ctl.observe_passthrough(8, 4000, 0.03, 0.04 * (i + 1))
+    assert ctl.predictor.observed == 0  # kept, not learnt yet
+    seqs = [Seq(f"s{i}", group=0, branch=i, width=2, kv_len=300, shared_len=200,
+                generated=5, first_token=0.1) for i in range(2)]
+    ctl.decide(StepView.from_seqs(seqs, now=1.0))
+    assert ctl.predictor.observed == 10 and ctl.gap == pytest.approx(0.01)
+    for i in range(64):
+        ctl.observe_passthrough(8, 4000, 0.03, 1.0 + 0.04 * i)
+    assert ctl.predictor.observed == 74  # a full batch is learnt at once

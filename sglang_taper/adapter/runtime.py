@@ -66,7 +66,9 @@ class SchedulerRuntime:
         self.stats = TaperStats(str(config.policy))
         self.groups = GroupCodes()
         self.held = None  # the held-out part of the running batch, or None
-        self.inflight: dict[int, tuple] = {}  # forward_iter -> (decision, view | None, keep)
+        # forward_iter -> (decision, view, keep), or (None, seqs, KV tokens) for a
+        # step run whole without asking the controller (Controller.observe_passthrough)
+        self.inflight: dict[int, tuple] = {}
         self._pending = None  # (batch, decision, view, keep) of the step being built
         self._last_log = time.monotonic()
         self._metrics = None
@@ -385,7 +387,7 @@ class SchedulerRuntime:
             n = len(batch.reqs)
             # numpy, not a torch reduction: torch would wake its intra-op thread pool
             kv = int(batch.seq_lens_cpu.numpy().sum()) if batch.seq_lens_cpu is not None else 0
-            self.inflight[batch.forward_iter] = (self.controller.passthrough(n, kv), None, None)
+            self.inflight[batch.forward_iter] = (None, n, kv)  # a passthrough step
             return
         _, decision, view, keep = pending
         if decision is None:  # TP: rank 0 keeps its own decision, followers a stand-in
@@ -419,14 +421,17 @@ class SchedulerRuntime:
         self.decode_seconds += step_time
         disturbed = batch.launch_ts <= self._disturbed_before
         self._inject("observe")
-        self.controller.observe(StepResult(decision, step_time=step_time, end=now,
-                                           disturbed=disturbed))
-        self._inject("stats")
-        if view is None:  # a step without branches: learn from it, count it, nothing more
+        if decision is None:  # a step without branches: learn from it, count it, nothing more
+            _, n_seqs, kv_tokens = entry
+            self.controller.observe_passthrough(n_seqs, kv_tokens, step_time, now, disturbed)
+            self._inject("stats")
             self.stats.steps += 1
             if self._metrics is not None:
                 self._metrics.steps.inc()
             return
+        self.controller.observe(StepResult(decision, step_time=step_time, end=now,
+                                           disturbed=disturbed))
+        self._inject("stats")
         rec, widths = step_record(view, keep, self.groups.names, decision.budget,
                                   decision.predicted, step_time, now)
         # The decision digest tells TP ranks' decisions apart; one rank needs none.
@@ -515,6 +520,7 @@ class SchedulerRuntime:
 
     def status(self) -> dict:
         ctl = self.controller
+        ctl.flush()
         pred = ctl.predictor
         return {
             "dp_rank": _dp_rank(),
