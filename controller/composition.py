@@ -72,8 +72,8 @@ class Composition:
     """
 
     __slots__ = ("key", "order", "head", "base", "extras", "_optional", "_stretch",
-                 "due", "tpot", "max_new", "rank", "counts", "_gi", "crit", "pace", "banked",
-                 "margin")
+                 "due", "tpot", "max_new", "rank", "counts", "_gi", "_starts", "crit", "pace",
+                 "banked", "margin")
 
     def __init__(self, view: StepView, k: tuple[bytes, ...], order: str, margin: float,
                  stretch: float, max_banked_tokens: float) -> None:
@@ -86,7 +86,7 @@ class Composition:
         else:
             self._optional = optional = ~base[self.order]
             self.extras = self.order[optional]
-        self.due = self.rank = self._gi = None
+        self.due = self.rank = self._gi = self._starts = None
         # Slack (controller.slack), of the latency-critical sequences.
         self.crit = c = view.critical.nonzero()[0]
         self.pace = pace = (1.0 - margin) * view.tpot_slo[c]
@@ -94,11 +94,14 @@ class Composition:
         # for bit (rounding is monotone): per step only the least deadline is new.
         self.banked = float((max_banked_tokens * pace).min()) if len(c) else np.inf
 
-    def _group_runs(self) -> np.ndarray:
-        """Each extra's group run: its group's index in group order."""
+    def _group_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where each group's run starts in group order, and each extra's group
+        run: its group's index in group order (ascending: extras are in group
+        order)."""
         if self._gi is None:
+            self._starts = self.head.nonzero()[0]
             self._gi = (self.head.cumsum() - 1)[self._optional]
-        return self._gi
+        return self._starts, self._gi
 
     def deadlines(self, view: StepView) -> None:
         """The extras' stage deadlines `due` (Controller._laxity), TPOT SLOs and
@@ -106,8 +109,7 @@ class Composition:
         if self.due is not None:
             return
         by_group, ext = self.order, self.extras
-        starts = self.head.nonzero()[0]
-        gi = self._group_runs()
+        starts, gi = self._group_runs()
         lmax = np.maximum.reduceat(view.max_new[by_group], starts)
         first = np.minimum.reduceat(view.arrival[by_group], starts)
         self.tpot = tpot = view.tpot_slo[ext]
@@ -120,15 +122,9 @@ class Composition:
         extras and its group's mandatory members (`counts`)."""
         if self.rank is not None:
             return
-        gi = self._group_runs()
-        m = len(gi)
-        run_start = np.empty(m, dtype=bool)
-        if m:
-            run_start[0] = True
-            np.not_equal(gi[1:], gi[:-1], out=run_start[1:])
-        idx = np.arange(m)
-        self.rank = idx - np.maximum.accumulate(np.where(run_start, idx, 0))
-        starts = self.head.nonzero()[0]
+        starts, gi = self._group_runs()
+        # an extra's rank: its index less its run's first (gi ascending)
+        self.rank = np.arange(len(gi)) - gi.searchsorted(gi)
         self.counts = np.add.reduceat((~self._optional).astype(np.int64), starts)[gi]
 
     def least_deadline(self, view: StepView) -> float:
