@@ -220,3 +220,14 @@ def write(result: dict, out_dir: Path, render_plots: bool = True) -> dict[str, P
         for p in plots(result, out_dir):
             files[p.stem] = p
     return files
+
+
+def write_tables(result: dict, md: str, out_dir: Path, tag: str) -> None:
+    """A script's result.json and result.md (its own tables, `md`) in `out_dir`;
+    prints the tables and where they went, with the wall time, after `[tag]`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "result.json").write_text(json.dumps(_jsonable(result), indent=1, default=str))
+    (out_dir / "result.md").write_text(md)
+    print(md)
+    extra = f", {result['cpu_s']:.0f} s CPU in the searches" if "cpu_s" in result else ""
+    print(f"[{tag}] {result['wall_s']:.0f} s wall{extra}; results in {out_dir}")

@@ -160,3 +160,46 @@ def test_taper_sim_replicas_flag(tmp_path):
     run = json.loads((tmp_path / "result.json").read_text())["runs"][0]
     assert run["server"]["routing"]["replicas"] == 2
     assert run["server"]["routing"]["split_groups"] > 0
+
+
+def test_plan_finds_the_fewest_replicas_by_doubling_then_bisection():
+    from bench.sim.plan import fewest
+
+    calls = []
+
+    def attains(n):
+        calls.append(n)
+        return 0.99 if n >= 11 else 0.5
+
+    n, tried = fewest(attains, 64)
+    assert n == 11 and calls == [1, 2, 4, 8, 16, 12, 10, 11]
+    assert tried[10] == 0.5 and tried[11] == 0.99
+    assert fewest(lambda n: 0.9, 5)[0] is None  # 1, 2, 4, 5 all fail
+    assert fewest(lambda n: 1.0, 5) == (1, {1: 1.0})
+
+
+def test_gpu_choices_come_from_the_profiles(tmp_path):
+    table = {"gpu": "NVIDIA H100 80GB HBM3", "model": "qwen3-8b", "label": "measured",
+             "batches": [1, 2], "contexts": [512, 1024], "decode_s": [[1, 2], [3, 4]]}
+    (tmp_path / "a.json").write_text(json.dumps(table))
+    (tmp_path / "b.json").write_text(json.dumps({**table, "model": "qwen3-32b"}))
+    (tmp_path / "c.json").write_text(json.dumps({**table, "gpu": "NVIDIA B200"}))
+    (tmp_path / "linear.json").write_text(json.dumps({"kind": "linear", "a": 1}))
+    found = costs.gpu_profiles(tmp_path)
+    assert sorted(found) == ["b200", "h100-qwen3-32b", "h100-qwen3-8b"]
+    assert found["b200"] == (tmp_path / "c.json", "qwen3-8b, measured")
+    shipped = costs.gpu_profiles()
+    assert "h200" in shipped and "extrapolated" in shipped["h200"][1]
+
+
+def test_taper_sim_gpu_flag(tmp_path, capsys):
+    from bench.sim import cli, plan
+
+    args = ["--policies", "taper", "--num-prompts", "8", "--request-rate", "0.6",
+            "--quiet", "--no-plots", "--workers", "1", "--result-dir", str(tmp_path)]
+    assert cli.main(args + ["--gpu", "h200", "--cost-model", "analytic:qwen3-8b@h100"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli.main(args + ["--gpu", "h200"]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["cost_model"]["name"] == "measured:h200_qwen3_32b_decode.json"
+    assert plan.main(["--rate", "0", "--gpu", "h200"]) == 2

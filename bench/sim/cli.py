@@ -121,6 +121,18 @@ def sweep_spec(ns, cap: float) -> SweepSpec:
     return SweepSpec(grid=tuple(r.resolve(cap) for r in sweep))
 
 
+def resolve_gpu(ns, argv: list[str]) -> None:
+    """--gpu NAME: its profile becomes the cost model; with an explicit
+    --cost-model as well, which one is meant is unclear: an error."""
+    if getattr(ns, "gpu", None) is None:
+        return
+    if any(a == "--cost-model" or a.startswith("--cost-model=") for a in argv):
+        raise ValueError("give --gpu or --cost-model, not both")
+    from bench.sim.cost import gpu_profiles
+
+    ns.cost_model = f"measured:{gpu_profiles()[ns.gpu][0]}"
+
+
 def default_kv_capacity(ns) -> None:
     """--kv-capacity when not given: 65536 tokens for a linear (CPU) model, else 400000."""
     if ns.kv_capacity is None:
@@ -194,6 +206,13 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="measured:PATH (a table of decode steps, bench/sim/profiles/), "
                    "linear:PATH (from taper profile or a live calibration), or "
                    f"analytic:MODEL@GPU (qwen3-8b|qwen3-32b @ h100|h200); default {DEFAULT_COST}")
+    from bench.sim.cost import gpu_profiles
+
+    gpus = gpu_profiles()
+    p.add_argument("--gpu", choices=sorted(gpus), default=None,
+                   help="the measured decode table of this GPU in bench/sim/profiles/ as the "
+                   "cost model (instead of --cost-model): " + "; ".join(
+                       f"{name}: {what}" for name, (_, what) in sorted(gpus.items())))
     p.add_argument("--kv-capacity", type=int, default=None,
                    help="KV tokens (default: 65536 for linear models, else 400000)")
     p.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -220,6 +239,7 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     try:
         options.validate(ns, live=False)
+        resolve_gpu(ns, argv)
         if ns.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {ns.replicas}")
         from controller import TaperConfig

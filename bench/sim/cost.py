@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +199,36 @@ class MeasuredCost(CostModel):
 
     def describe(self):
         return {"name": self.name, **self.meta}
+
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+def gpu_profiles(folder: Path = PROFILES) -> dict[str, tuple[Path, str]]:
+    """The GPUs `taper sim --gpu` offers: every measured decode table in
+    `folder` that names its GPU, by the GPU's short name ("NVIDIA H200" ->
+    "h200", "NVIDIA H100 80GB HBM3" -> "h100"; "h200-qwen3-32b" when two
+    tables share a GPU), with the table's path and what it is (model, and its
+    label: how it was measured)."""
+    found: dict[str, list[tuple[Path, dict]]] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or "decode_s" not in data or "gpu" not in data:
+            continue
+        gpu = str(data["gpu"]).lower()
+        named = re.search(r"\b[a-z]{1,2}\d{2,4}[a-z]?\b", gpu)  # "nvidia h100 80gb" -> h100
+        short = named.group(0) if named else (gpu.split() or ["gpu"])[-1]
+        found.setdefault(short, []).append((path, data))
+    out = {}
+    for short, tables in found.items():
+        for path, data in tables:
+            model = str(data.get("model", path.stem))
+            name = short if len(tables) == 1 else f"{short}-{model}"
+            out[name] = (path, f"{model}, {data.get('label', 'measured')}")
+    return out
 
 
 def load(spec: str) -> CostModel:

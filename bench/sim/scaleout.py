@@ -23,14 +23,13 @@ replicas. Writes result.json and result.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bench import options
+from bench import options, report
 from bench.sim import cli
 from bench.sim.replicas import ROUTINGS, check_routing
 from bench.sweep import SweepSpec, max_rate, sweep_one
@@ -213,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     try:
         options.validate(ns, live=False)
+        cli.resolve_gpu(ns, sys.argv[1:] if argv is None else argv)
     except ValueError as e:
         print(f"scaleout: error: {e}", file=sys.stderr)
         return 2
@@ -222,14 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(ns)
     result["wall_s"] = time.monotonic() - t0
     result["cpu_s"] = sum(c["cpu_s"] for c in result["cells"])
-    out = Path(ns.result_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    md = markdown(result)
-    (out / "result.md").write_text(md)
-    print(md)
-    print(f"[scaleout] {result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU in the "
-          f"searches; results in {out}")
+    report.write_tables(result, markdown(result), Path(ns.result_dir), "scaleout")
     return 0
 
 
