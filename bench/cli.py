@@ -227,9 +227,15 @@ class LiveBench:
             "policies": DEFAULT_SIM_POLICIES, "kv_capacity": 65536, "workers": None,
             "quiet": True, "save_trace": None, "seeds": self.seeds, "controller": []})
         # The live figures, not the fit's, set the simulated run's SLOs and capacity.
-        return run_sim(sim_ns, calibration={k: v for k, v in self.calibration.items()
-                                            if k in ("ttft_s", "tpot_s", "tokens_per_s",
-                                                     "batch", "context")})
+        return run_sim(sim_ns, calibration=sim_calibration(self.calibration))
+
+
+def sim_calibration(calibration: dict) -> dict:
+    """What of a live calibration a simulated run of the same workload takes:
+    the isolated figures and capacity, and the fit (per-context SLOs of a
+    trace are taken from it, as live)."""
+    return {k: v for k, v in calibration.items()
+            if k in ("ttft_s", "tpot_s", "tokens_per_s", "batch", "context", "fit")}
 
 
 def at_rate_ratios(runs: list[dict]) -> dict[str, float]:
@@ -264,7 +270,8 @@ def run_bench(ns) -> dict:
     return bench.result
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
+    """`taper bench`'s command line (also what bench.sim.fidelity parses its cases with)."""
     p = argparse.ArgumentParser(prog="taper bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_workload_args(p, HEADLINE, "results/bench", LIVE_LENGTH_SCALE,
@@ -288,9 +295,18 @@ def main(argv: list[str]) -> int:
                    "as it is, instead of a fresh server per policy (--policies is ignored)")
     p.add_argument("serve_args", nargs=argparse.REMAINDER,
                    help="after --, arguments for every `taper serve`")
-    ns = p.parse_args(argv)
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ns = parser().parse_args(argv)
     if ns.serve_args and ns.serve_args[0] == "--":
         ns.serve_args = ns.serve_args[1:]
+    return ns
+
+
+def main(argv: list[str]) -> int:
+    ns = parse(argv)
     try:
         if ns.calibration_samples < 10:
             raise ValueError(f"--calibration-samples must be >= 10, got "

@@ -210,3 +210,21 @@ def test_a_live_variant_is_a_policy_on_a_server_with_more_flags():
     options.validate(ns, live=True)
     with pytest.raises(ValueError, match="run live only"):
         options.validate(ns, live=False)
+
+
+def test_fidelity_cases_parse_as_taper_bench_and_compare_figure_by_figure(capsys):
+    from bench import cli as bench_cli
+    from bench import options
+    from bench.sim import fidelity
+
+    for flags, load in fidelity.CASES.values():  # every case is a valid live command
+        ns = bench_cli.parse([*flags, "--policies", "taper", "--request-rate", load])
+        options.validate(ns, live=True)
+    live = {"goodput": 0.5, "slo_attainment": 1.0, "tpot_s": {"p50": 0.01, "p99": 0.02}}
+    sim = {"goodput": 0.55, "slo_attainment": 0.9, "tpot_s": {"p50": 0.01, "p99": 0.03}}
+    rows = fidelity.compare(live, sim)
+    assert [r["figure"] for r in rows] == ["goodput", "attainment", "TPOT p50", "TPOT p99"]
+    assert [round(r["rel_diff"], 3) for r in rows] == [0.1, -0.1, 0.0, 0.5]
+    assert fidelity.compare({**live, "goodput": 0.0}, sim)[0]["rel_diff"] is None
+    assert fidelity.main(["--cases", "default,nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
