@@ -80,7 +80,7 @@ def load(fmt: str, path: str | Path) -> list[TraceRequest]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--dataset: no such file: {path}")
-    rows = {"mooncake": _mooncake, "azure": _azure, "burstgpt": _burstgpt}[fmt](path)
+    rows = _mooncake(path) if fmt == "mooncake" else _csv_trace(fmt, path)
     if not rows:
         raise ValueError(f"{path}: no requests in this {fmt} trace")
     rows.sort(key=lambda r: r[0])  # stable: requests of one instant keep file order
@@ -174,32 +174,36 @@ def parse_timestamp(text: str) -> float:
     return t + (float("0." + m.group(7)) if m.group(7) else 0.0)
 
 
-def _azure(path: Path) -> list[tuple]:
+def _seconds(text: str) -> float:
+    """Seconds >= 0 (BurstGPT's Timestamp, from the start of its trace)."""
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not t >= 0:
+        raise ValueError(f"must be seconds >= 0, got {text!r}")
+    return t
+
+
+# A CSV trace format: its timestamp column and how to read it, then its prompt
+# and output token columns.
+_CSV_FORMATS = {
+    "azure": ("TIMESTAMP", parse_timestamp, "ContextTokens", "GeneratedTokens"),
+    "burstgpt": ("Timestamp", _seconds, "Request tokens", "Response tokens"),
+}
+
+
+def _csv_trace(fmt: str, path: Path) -> list[tuple]:
+    time_col, read_time, in_col, out_col = _CSV_FORMATS[fmt]
     rows = []
-    for n, row in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
+    for n, row in _csv_rows(path, (time_col, in_col, out_col)):
         where = f"{path}:{n}"
         try:
-            t = parse_timestamp(row["TIMESTAMP"])
+            t = read_time(row[time_col])
         except ValueError as e:
-            raise ValueError(f"{where}: TIMESTAMP: {e}") from None
-        rows.append((t, max(1, _int(where, "ContextTokens", row["ContextTokens"])),
-                     _int(where, "GeneratedTokens", row["GeneratedTokens"]), ()))
-    return rows
-
-
-def _burstgpt(path: Path) -> list[tuple]:
-    rows = []
-    for n, row in _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens")):
-        where = f"{path}:{n}"
-        try:
-            t = float(row["Timestamp"])
-        except ValueError:
-            t = math.nan
-        if not t >= 0:
-            raise ValueError(f"{where}: Timestamp must be seconds >= 0, got "
-                             f"{row['Timestamp']!r}")
-        rows.append((t, max(1, _int(where, "Request tokens", row["Request tokens"])),
-                     _int(where, "Response tokens", row["Response tokens"]), ()))
+            raise ValueError(f"{where}: {time_col}: {e}") from None
+        rows.append((t, max(1, _int(where, in_col, row[in_col])),
+                     _int(where, out_col, row[out_col]), ()))
     return rows
 
 

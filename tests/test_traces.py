@@ -112,7 +112,7 @@ def test_burstgpt_rows_become_requests(tmp_path):
     reqs = load("burstgpt", write(tmp_path, "b.csv", BURSTGPT))
     assert reqs == [TraceRequest(0.0, 472, 18), TraceRequest(2.25, 30, 200),
                     TraceRequest(40.5, 1087, 0)]
-    with pytest.raises(ValueError, match=r"^.*b\.csv:3: Timestamp must be seconds >= 0"):
+    with pytest.raises(ValueError, match=r"^.*b\.csv:3: Timestamp: must be seconds >= 0"):
         load("burstgpt", write(tmp_path, "b.csv", BURSTGPT.replace("45.5", "soon")))
     with pytest.raises(ValueError, match=r"b\.csv:1: header lacks Response tokens"):
         load("burstgpt", write(tmp_path, "b.csv", BURSTGPT.replace("Response", "Reply")))
