@@ -34,10 +34,12 @@ def _fit_settings(c: TaperConfig) -> dict:
 class Controller:
     """Per-step branch admission, and (taper) the prefill gate.
 
-    decide() is a pure function of the controller's state and the view (it keeps
-    the view's make-up for the next one, a cache: controller/composition.py). State
-    changes in observe() (the predictor's fit, the estimate of the engine's time
-    between steps, how many steps in a row each held branch has waited), in
+    decide() is a function of the controller's state and the view (it keeps the
+    view's make-up for the next one, a cache: controller/composition.py, and
+    first learns from the steps observe_passthrough kept). State changes in
+    observe() and observe_passthrough() (the predictor's fit, the estimate of the
+    engine's time between steps, how many steps in a row each held branch has
+    waited), in
     observe_prefill() (the prefill fit) and in admit_prefill() (whether a
     prefill is being deferred, which keeps decide() to the mandatory batch until
     the waiting queue empties or the prefill is admitted).
@@ -340,9 +342,12 @@ class Controller:
         """What observe(StepResult(passthrough(n_seqs, kv_tokens), ...)) learns,
         for a step the controller was not asked about, at a fraction of its
         cost: the step is kept, and up to `UNSEEN_BATCH` of them are learnt in
-        one go (StepTimePredictor.update_many) when the controller is next read
-        (`flush`: decide, admit_prefill, observe, reconfigure) or the batch is
-        full. A server without branches in its load pays this on every step."""
+        one go when the controller is next read (`flush`: decide, admit_prefill,
+        observe, reconfigure, held_steps, and readers outside such as the
+        runtime's status) or the batch is full. The fit is the same to rounding
+        (StepTimePredictor.update_many says what is coarser); the gap estimate
+        is refreshed once per batch rather than every 8 steps. A server without
+        branches in its load pays this on every step."""
         unseen = self._unseen
         unseen.append((n_seqs, kv_tokens, step_time, end, disturbed))
         if len(unseen) >= UNSEEN_BATCH:
@@ -356,19 +361,20 @@ class Controller:
             return
         self._unseen = []
         a = np.array(unseen, dtype=np.float64)
-        n, kv, step_time, end = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
-        x = np.zeros((len(a), len(SCALE)))
+        step_time, end = a[:, 2], a[:, 3]
+        run = a[a[:, 0] > 0]  # (observe learns nothing from a step that ran no sequence)
+        x = np.zeros((len(run), len(SCALE)))
         x[:, 0] = 1.0
-        x[:, 1] = n
-        x[:, 2] = kv
+        x[:, 1] = run[:, 0]
+        x[:, 2] = run[:, 1]
         x /= SCALE
-        self.predictor.update_many(x, step_time, a[:, 4] != 0)
+        self.predictor.update_many(x, run[:, 2], run[:, 4] != 0)
         self._end_steps(end - step_time, end)
         if self._promote_starved:
             self._holds.record_unseen(len(a))
 
     def _end_steps(self, start: np.ndarray, end: np.ndarray) -> None:
-        """_end_step for steps in order (the gap estimate refreshed once)."""
+        """_end_step for steps in order (the gap estimate refreshed once, at the end)."""
         if self._last_end is None:
             self._last_end = float(end[0])
             start, end = start[1:], end[1:]

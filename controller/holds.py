@@ -93,7 +93,7 @@ class HoldRuns:
         take them: every run of holds ends."""
         if steps <= 0:
             return
-        if len(self._since) or not (type(self._ids) is tuple and not self._ids):
+        if not (type(self._ids) is tuple and not self._ids):  # not after a passthrough
             self.record((), _NONE, _NONE)
             steps -= 1
         self.steps += steps

@@ -347,9 +347,12 @@ class StepTimePredictor:
         The weighted sums, the mass and the counts come out as from `update` on
         each row in turn (to rounding). Cheaper, and two things coarser: every
         a-priori residual is taken against the weights solved before the batch
-        (`update` re-solves every 8 observations when nothing reads the fit) and
-        the upper margin is refreshed once, at the end. A batch in which any step
-        would be rejected as a spike goes through `update` row by row instead."""
+        (`update` re-solves every 8 observations when nothing reads the fit), the
+        spike test of every row is against that fit and the margin before the
+        batch (so a step `update` would reject after a shrinking margin can be
+        learnt here), and the upper margin is refreshed once, at the end. A batch
+        in which a step is a spike by that test goes through `update` row by row
+        instead."""
         self.outliers_disturbed += int(np.count_nonzero(disturbed))
         if disturbed.any():
             x, y = x[~disturbed], y[~disturbed]

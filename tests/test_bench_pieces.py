@@ -228,3 +228,4 @@ def test_fidelity_cases_parse_as_taper_bench_and_compare_figure_by_figure(capsys
     assert fidelity.compare({**live, "goodput": 0.0}, sim)[0]["rel_diff"] is None
     assert fidelity.main(["--cases", "default,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
+    assert fidelity.main(["--cases", "default", "--policy", "nonsense"]) == 2

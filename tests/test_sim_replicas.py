@@ -203,3 +203,18 @@ def test_taper_sim_gpu_flag(tmp_path, capsys):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["cost_model"]["name"] == "measured:h200_qwen3_32b_decode.json"
     assert plan.main(["--rate", "0", "--gpu", "h200"]) == 2
+
+
+def test_plan_on_a_trace_takes_per_context_slos_from_the_cost_model(tmp_path):
+    """plan and scaleout judge every N by one replica's figures computed from the
+    cost model: with a trace's per-context SLOs they come from the model too."""
+    from bench.sim import plan
+    from tests.test_traces import MOONCAKE
+
+    assert plan.main(["--rate", "0.5", "--dataset", MOONCAKE, "--num-prompts", "6",
+                      "--length-scale", "0.05", "--policies", "taper", "--max-replicas", "2",
+                      "--quiet", "--workers", "1", "--result-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["cells"][0]["tried"]
+    assert plan.main(["--rate", "1", "--replicas", "2"]) == 2
+    assert plan.main(["--rate", "1", "--controller", "margin=7"]) == 2

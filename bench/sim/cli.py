@@ -38,7 +38,9 @@ def _setup(ns, seed: int) -> dict:
     given = getattr(ns, "calibration", None)
     cal = given or from_cost(cost, mean_context(progs))
     ttft, tpot = options.slo_seconds(options.goodput(ns), cal)
-    progs = options.program_slos(ns, progs, cal, None if given else cost)
+    # A live calibration's fit sets per-context SLOs as live; one computed from a
+    # cost model (scaleout's and plan's one-replica figures) has no fit: the model.
+    progs = options.program_slos(ns, progs, cal, None if given and "fit" in given else cost)
     return {"cost": cost, "programs": progs, "calibration": cal,
             "trace": trace,
             "capacity": capacity(cal, progs) * _replicas(ns), "ttft": ttft, "tpot": tpot,
@@ -121,12 +123,13 @@ def sweep_spec(ns, cap: float) -> SweepSpec:
     return SweepSpec(grid=tuple(r.resolve(cap) for r in sweep))
 
 
-def resolve_gpu(ns, argv: list[str]) -> None:
-    """--gpu NAME: its profile becomes the cost model; with an explicit
-    --cost-model as well, which one is meant is unclear: an error."""
+def resolve_cost_model(ns) -> None:
+    """The cost model of --gpu NAME (its profile), else --cost-model, else the
+    default; both given: which one is meant is unclear, an error."""
     if getattr(ns, "gpu", None) is None:
+        ns.cost_model = ns.cost_model or DEFAULT_COST
         return
-    if any(a == "--cost-model" or a.startswith("--cost-model=") for a in argv):
+    if ns.cost_model is not None:
         raise ValueError("give --gpu or --cost-model, not both")
     from bench.sim.cost import gpu_profiles
 
@@ -202,10 +205,11 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     options.add_workload_args(p, DEFAULT_SIM_POLICIES, "results/sim")
-    p.add_argument("--cost-model", default=DEFAULT_COST,
+    p.add_argument("--cost-model", default=None,
                    help="measured:PATH (a table of decode steps, bench/sim/profiles/), "
                    "linear:PATH (from taper profile or a live calibration), or "
-                   f"analytic:MODEL@GPU (qwen3-8b|qwen3-32b @ h100|h200); default {DEFAULT_COST}")
+                   f"analytic:MODEL@GPU (qwen3-8b|qwen3-32b @ h100|h200); default {DEFAULT_COST}"
+                   " (or --gpu's)")
     from bench.sim.cost import gpu_profiles
 
     gpus = gpu_profiles()
@@ -239,7 +243,7 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     try:
         options.validate(ns, live=False)
-        resolve_gpu(ns, argv)
+        resolve_cost_model(ns)
         if ns.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {ns.replicas}")
         from controller import TaperConfig

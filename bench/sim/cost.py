@@ -224,9 +224,10 @@ def gpu_profiles(folder: Path = PROFILES) -> dict[str, tuple[Path, str]]:
         found.setdefault(short, []).append((path, data))
     out = {}
     for short, tables in found.items():
-        for path, data in tables:
-            model = str(data.get("model", path.stem))
-            name = short if len(tables) == 1 else f"{short}-{model}"
+        models = [str(data.get("model", path.stem)) for path, data in tables]
+        for (path, data), model in zip(tables, models):
+            name = (short if len(tables) == 1 else f"{short}-{model}"
+                    if models.count(model) == 1 else f"{short}-{path.stem}")
             out[name] = (path, f"{model}, {data.get('label', 'measured')}")
     return out
 

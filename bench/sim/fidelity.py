@@ -1,7 +1,7 @@
 """Simulated vs live, workload by workload (CPU engine): `python -m bench.sim.fidelity`.
 
     .venv/bin/python -m bench.sim.fidelity [--cases default,parallel-reasoning,mooncake]
-        [--policy taper] [--seed 0] [--result-dir bench/results/fidelity]
+        [--policy taper] [--seed 0] [--result-dir DIR (default results/fidelity)]
 
 Per case (a `taper bench` workload and a load, `CASES`): a fresh `taper serve`
 is calibrated (its isolated TTFT/TPOT set the SLOs, its step times fit a
@@ -50,6 +50,19 @@ def compare(live: dict, sim: dict) -> list[dict]:
     return rows
 
 
+def case_ns(name: str, policy: str, seed: int, out: Path) -> argparse.Namespace:
+    """The case's `taper bench` options, validated (ValueError: a bad one)."""
+    from bench import cli as bench_cli
+    from bench import options
+
+    flags, load = CASES[name]
+    ns = bench_cli.parse([*flags, "--policies", policy, "--seed", str(seed),
+                          "--request-rate", load, "--result-dir", str(out / name),
+                          "--no-plots"])
+    options.validate(ns, live=True)
+    return ns
+
+
 def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
     from bench import cli as bench_cli
     from bench import options
@@ -58,9 +71,7 @@ def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
     flags, load = CASES[name]
     case_dir = out / name
     case_dir.mkdir(parents=True, exist_ok=True)
-    ns = bench_cli.parse([*flags, "--policies", policy, "--seed", str(seed),
-                          "--request-rate", load, "--result-dir", str(case_dir), "--no-plots"])
-    options.validate(ns, live=True)
+    ns = case_ns(name, policy, seed, out)
     bench = bench_cli.LiveBench(ns)
     with bench.server(policy) as srv:
         bench.calibrated(srv)
@@ -118,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(ns.result_dir)
+    try:  # every case's options before the first server starts
+        for name in cases:
+            case_ns(name, ns.policy, ns.seed, out)
+    except ValueError as e:
+        print(f"fidelity: error: {e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     result = {"kind": "fidelity", "argv": sys.argv[1:], "policy": ns.policy, "seed": ns.seed,

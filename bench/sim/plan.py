@@ -117,7 +117,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m bench.sim.plan",
                                 description=__doc__.splitlines()[0])
     cli.add_sim_args(p)
@@ -129,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     try:
         options.validate(ns, live=False)
-        cli.resolve_gpu(ns, argv)
+        cli.resolve_cost_model(ns)
+        if ns.sweep or ns.seeds or ns.replicas != 1:
+            raise ValueError("the rate is --rate, the replicas are what plan finds, one seed "
+                             "(--seed): no --sweep, --seeds or --replicas")
         if not ns.rate > 0:
             raise ValueError(f"--rate must be > 0 programs/s, got {ns.rate}")
         if ns.max_replicas < 1:
             raise ValueError(f"--max-replicas must be >= 1, got {ns.max_replicas}")
+        from controller import TaperConfig
+
+        TaperConfig().updated(ns.controller)
         from bench.sim import cost as costs
 
         costs.check(costs.load(ns.cost_model))

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     try:
         options.validate(ns, live=False)
-        cli.resolve_gpu(ns, sys.argv[1:] if argv is None else argv)
+        cli.resolve_cost_model(ns)
     except ValueError as e:
         print(f"scaleout: error: {e}", file=sys.stderr)
         return 2
