@@ -16,9 +16,11 @@ B. The hook's overhead on a workload with no branches: output throughput with
 C. `--overhead`: the hooks' cost on one server, the plugin switched on and
    off at run time (POST /taper/config `enabled`) in interleaved rounds; the
    paired throughput ratio with a 95% interval, and TAPER's self-timed share
-   of a decode step at 1, 16 and 64 sequences.
+   of a decode step at 1, 16 and 64 sequences. 100 rounds by default (about
+   10 minutes): on a 2-core host a pair's ratio spreads by about 9%, and 12
+   rounds gave an interval 11 points wide.
 
-    .venv/bin/python -m bench.scheduler_bench --overhead [--rounds 12]
+    .venv/bin/python -m bench.scheduler_bench --overhead [--rounds 100]
 """
 
 from __future__ import annotations
@@ -245,11 +247,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32, help="B: concurrent requests")
     p.add_argument("--tokens", type=int, default=192, help="B: output tokens each")
     p.add_argument("--rounds", type=int, default=None,
-                   help="B: alternations (default 3; 12 with --overhead)")
+                   help="B: alternations (default 3; 100 with --overhead)")
     p.add_argument("--skip", choices=("a", "b"), default=None)
     p.add_argument("--overhead", action="store_true",
                    help="only the same-server on/off overhead: the plugin toggled through "
-                        "POST /taper/config in interleaved rounds (--rounds, default 12 here), "
+                        "POST /taper/config in interleaved rounds (--rounds, default 100 here), "
                         "then TAPER's self-timed share per step at --share-seqs")
     p.add_argument("--share-seqs", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 16, 64], help="--overhead: batch sizes for the hook share")
@@ -259,7 +261,7 @@ def main() -> None:
     Path(ns.logs).mkdir(parents=True, exist_ok=True)
     result = {"config": vars(ns)}
     if ns.overhead:
-        ns.rounds = ns.rounds or 12
+        ns.rounds = ns.rounds or 100
         if ns.rounds < 2:
             p.error("--overhead needs --rounds >= 2 for an interval")
         if ns.out == p.get_default("out"):
