@@ -237,21 +237,28 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    "(a program to one replica, the least loaded; default)")
 
 
+def check_options(ns) -> None:
+    """The simulator's options checked before any work (ValueError/OSError with
+    a one-line message): the workload's, the cost model (--gpu or
+    --cost-model, resolved here), the controller's settings."""
+    options.validate(ns, live=False)
+    resolve_cost_model(ns)
+    from controller import TaperConfig
+
+    TaperConfig().updated(ns.controller)
+    from bench.sim import cost as costs
+
+    costs.check(costs.load(ns.cost_model))
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="taper sim", description=__doc__)
     add_sim_args(p)
     ns = p.parse_args(argv)
     try:
-        options.validate(ns, live=False)
-        resolve_cost_model(ns)
+        check_options(ns)
         if ns.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {ns.replicas}")
-        from controller import TaperConfig
-
-        TaperConfig().updated(ns.controller)
-        from bench.sim import cost as costs
-
-        costs.check(costs.load(ns.cost_model))
     except (ValueError, OSError) as e:
         print(f"taper sim: error: {e}", file=sys.stderr)
         return 2

@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="give up past this many replicas (default 64)")
     ns = p.parse_args(argv)
     try:
-        options.validate(ns, live=False)
-        cli.resolve_cost_model(ns)
+        cli.check_options(ns)
         if ns.sweep or ns.seeds or ns.replicas != 1:
             raise ValueError("the rate is --rate, the replicas are what plan finds, one seed "
                              "(--seed): no --sweep, --seeds or --replicas")
@@ -136,12 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--rate must be > 0 programs/s, got {ns.rate}")
         if ns.max_replicas < 1:
             raise ValueError(f"--max-replicas must be >= 1, got {ns.max_replicas}")
-        from controller import TaperConfig
-
-        TaperConfig().updated(ns.controller)
-        from bench.sim import cost as costs
-
-        costs.check(costs.load(ns.cost_model))
     except (ValueError, OSError) as e:
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
