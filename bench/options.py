@@ -206,8 +206,9 @@ def add_workload_args(p: argparse.ArgumentParser, default_policies: str,
                    "or 0.5,1,2")
     p.add_argument("--policies", default=default_policies,
                    help=f"comma-separated (default {default_policies}); live, POLICY+cascade "
-                   "runs POLICY on a server with --taper-cascade in the same run (one "
-                   "calibration, one SLO for both)")
+                   "runs POLICY on a server with --taper-cascade (POLICY+nogate: with "
+                   "--no-taper-prefill-gate) in the same run (one calibration, one SLO for "
+                   "both)")
     p.add_argument("--result-dir", default=default_result_dir,
                    help="result.json, result.md and PNG plots go here")
     p.add_argument("--output-file", help="append one JSON line per run here (JSONL)")
@@ -341,7 +342,9 @@ def policies(ns) -> list[str]:
 
 # Live only: `POLICY+VARIANT` runs POLICY on a server launched with the variant's
 # flags, in the same run as the others (one calibration, one SLO for all).
-LIVE_VARIANTS = {"cascade": ["--taper-cascade"]}
+LIVE_VARIANTS = {"cascade": ["--taper-cascade"],
+                 # the ablation of taper's prefill gate (controller/prefill.py)
+                 "nogate": ["--no-taper-prefill-gate"]}
 
 
 def live_variant(label: str) -> tuple[str, list[str]]:
@@ -368,7 +371,8 @@ def validate(ns, live: bool) -> None:
     slo_spec(ns)
     for pol in policies(ns):
         if "+" in pol and not live:
-            raise ValueError(f"policy {pol!r}: variants (+cascade) run live only, in taper bench")
+            known = ", ".join("+" + v for v in LIVE_VARIANTS)
+            raise ValueError(f"policy {pol!r}: variants ({known}) run live only, in taper bench")
         spec = parse_policy(live_variant(pol)[0])
         if live and spec.entry.needs_cost:
             raise ValueError(f"policy {pol!r} exists only in the simulator (taper sim)")

@@ -201,6 +201,7 @@ def test_a_live_variant_is_a_policy_on_a_server_with_more_flags():
     from bench import options
 
     assert options.live_variant("taper+cascade") == ("taper", ["--taper-cascade"])
+    assert options.live_variant("taper+nogate") == ("taper", ["--no-taper-prefill-gate"])
     assert options.live_variant("cap:4") == ("cap:4", [])
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         options.live_variant("taper+fast")
