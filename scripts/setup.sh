@@ -15,6 +15,13 @@ fi
 # Reinstall only when what pip would install changed.
 want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$VENV/.taper-installed" 2>/dev/null)" != "$want" ]; then
+    # The pinned stack (sglang, torch's CUDA build and its libraries) takes ~11 GiB in
+    # the venv; pip failing half-way with "No space left on device" says less than this.
+    free_kib=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+    if [ "${free_kib:-0}" -lt $((12 * 1024 * 1024)) ]; then
+        echo "[setup] warning: $((free_kib / 1024 / 1024)) GiB free where $VENV lives;" \
+             "the install needs about 12 GiB" >&2
+    fi
     echo "[setup] installing sglang-taper and its pinned dependencies (a few minutes cold) ..."
     start=$SECONDS
     if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
