@@ -40,7 +40,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.client import generate
-from sglang_taper.cascade import CPU_GATE, CascadeGate
+from controller.cascade_gate import CPU_GATE, CascadeGate
 from sglang_taper.server import ServerProcess
 
 CASES = ((2, 1024), (4, 128), (4, 1024), (4, 4096), (16, 256), (16, 1024), (16, 4096),

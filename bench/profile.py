@@ -209,7 +209,7 @@ def cascade_section(widths=WIDTHS, prefixes=PREFIXES, suffixes=SUFFIXES,
     operations' gain from a second thread, which errs toward plain attention."""
     import torch
 
-    from sglang_taper.cascade import CascadeGate
+    from controller.cascade_gate import CascadeGate
 
     shape = shape or _tiny_shape()
     before = torch.get_num_threads()

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from controller import prefill as prefill_gate
+from controller.cascade_gate import CascadeGate
 from controller.composition import Composition, base_branches, group_order
 from controller.composition import key as composition_key
 from controller.config import TaperConfig
@@ -46,10 +47,13 @@ class Controller:
     """
 
     def __init__(self, config: TaperConfig | None = None, model: StepTimeModel | None = None,
-                 cost: StepCost | None = None) -> None:
+                 cost: StepCost | None = None, cascade_gate: CascadeGate | None = None) -> None:
         """`model`: the predictor's warm start (otherwise `config.profile`, or the
         default prior). `cost`: the true step-time model, for the policies that
-        need one (the simulator's `clairvoyant`)."""
+        need one (the simulator's `clairvoyant`). `cascade_gate` (with
+        `config.cascade`): the engine's rule for which groups take the two-level
+        path, so that only theirs count as read once; None: every group in the
+        batch does (the simulator's engine)."""
         config = config or TaperConfig()
         if model is None and config.profile:
             model = StepTimeModel.load(config.profile)
@@ -58,6 +62,7 @@ class Controller:
         # Prefill steps, fitted on their own (intercept and prefill tokens excited).
         self.prefill_predictor = StepTimePredictor(model, **fit)
         self._cost = cost
+        self._cascade_gate = cascade_gate
         self._gaps = np.zeros(64)  # seconds between a step's end and the next decision
         self._n_gaps = 0
         self.gap = 0.0  # seconds, recent 90th percentile of those gaps
@@ -130,7 +135,10 @@ class Controller:
                 extras = self._priority(view, extras, lax)
             ext_g = view.group[extras]
             kv = view.kv_len[extras]
-            own = kv - view.shared_len[extras] if self.config.cascade else kv
+            own = kv
+            if self.config.cascade:
+                own = kv - (view.shared_len[extras] if self._cascade_gate is None
+                            else self._gated_share(view, mandatory, ext_g))
             costs = self.predictor.extra_costs(n_mand, own)
             if self._order != "group":
                 rank, counts = _EMPTY, _EMPTY
@@ -151,8 +159,11 @@ class Controller:
             kept_extra_kv = float(own[admit].sum())
         keep = mandatory.nonzero()[0]
         held = (~mandatory).nonzero()[0]
-        x_mand[1] += len(admitted)  # now the kept batch's
-        x_mand[2] += kept_extra_kv
+        if self._cascade_gate is not None and self.config.cascade and len(admitted):
+            x_mand = self._features(view, mandatory)  # the gate may send more groups down
+        else:
+            x_mand[1] += len(admitted)  # now the kept batch's
+            x_mand[2] += kept_extra_kv
         return Decision(keep, held, n_mand, budget, externality, t_mand + externality,
                         x_mand / SCALE, view.ids)
 
@@ -218,7 +229,10 @@ class Controller:
     def _features(self, view: StepView, kept: np.ndarray) -> np.ndarray:
         """Unscaled predictor features of the batch of `kept` (a mask)."""
         kv_k = view.kv_len[kept]
-        if self.config.cascade:
+        if self.config.cascade and self._cascade_gate is not None:
+            saved, prefix = self._gated_prefix(view.group[kept], view.shared_len[kept])
+            kv = float(kv_k.sum()) - saved
+        elif self.config.cascade:
             sh = view.shared_len[kept]
             kv, prefix = float((kv_k - sh).sum()), float(self._group_prefix(view.group[kept], sh))
         else:
@@ -299,6 +313,38 @@ class Controller:
         x = np.array([1.0, n_seqs, kv_tokens, 0.0, 0.0])
         # No prediction (NaN): reading the weights would re-solve the fit every step.
         return Decision(keep, _EMPTY, n_seqs, math.inf, 0.0, math.nan, x / SCALE, ())
+
+    def _gated_prefix(self, groups: np.ndarray, shared: np.ndarray) -> tuple[float, float]:
+        """With the engine's cascade gate, of a batch's sequences (`groups`,
+        `shared`): the KV tokens its members do not read one by one, and the
+        prefix tokens read once, over the groups the gate sends down the
+        two-level path. A group's prefix is its members' largest `shared` (the
+        first member prefilled it: its own count is 0); its width, its members
+        in the batch."""
+        in_group = groups >= 0
+        if not in_group.any():
+            return 0.0, 0.0
+        _, inv, width = np.unique(groups[in_group], return_inverse=True, return_counts=True)
+        prefix = np.zeros(len(width))
+        np.maximum.at(prefix, inv, shared[in_group])
+        pays = self._cascade_gate.pays_many(width, prefix)
+        return float((width * prefix)[pays].sum()), float(prefix[pays].sum())
+
+    def _gated_share(self, view: StepView, mandatory: np.ndarray,
+                     ext_g: np.ndarray) -> np.ndarray:
+        """Per extra (of groups `ext_g`), the prefix tokens it would not read
+        itself: its group's prefix when the gate passes the group at its
+        mandatory members plus this one, else 0. Conservative: an extra that
+        tips its group over the gate's threshold is not credited with its
+        members' savings."""
+        in_group = view.group >= 0
+        codes, inv = np.unique(view.group[in_group], return_inverse=True)
+        prefix = np.zeros(len(codes))
+        np.maximum.at(prefix, inv, view.shared_len[in_group])
+        members = np.bincount(inv, weights=mandatory[in_group], minlength=len(codes))
+        j = codes.searchsorted(ext_g)
+        p = prefix[j]
+        return np.where(self._cascade_gate.pays_many(members[j] + 1, p), p, 0.0)
 
     @staticmethod
     def _group_prefix(groups: np.ndarray, shared: np.ndarray) -> int:

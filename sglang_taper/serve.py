@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
+from controller.cascade_gate import CascadeGate
 from controller.config import TaperConfig
 from sglang_taper.plugin import ENV_BATCH_INVARIANT, ENV_CONFIG, ENV_ENABLED, ENV_SLOWDOWN
 
@@ -161,6 +162,13 @@ def build_launch(argv: list[str], base_env: dict[str, str] | None = None) -> Lau
                          f"which only the simulator has (taper sim)")
     if config.profile and not Path(config.profile).is_file():
         raise ServeError(f"--taper-profile: no such file: {config.profile}")
+    if config.cascade_profile:
+        if not config.cascade:
+            raise ServeError("--taper-cascade-profile needs --taper-cascade")
+        try:  # here, not in the server process, where a bad file stops the start-up
+            CascadeGate.load(config.cascade_profile)
+        except ValueError as e:
+            raise ServeError(f"--taper-cascade-profile: {e}") from None
     if has_flag(rest, "--enable-mixed-chunk") and config.policy != "eager":
         raise ServeError(
             "--enable-mixed-chunk builds decode batches outside the step TAPER regulates; "

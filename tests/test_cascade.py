@@ -12,9 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.cascade_gate import CPU_GATE, CascadeGate
 from sglang_taper.cascade import (
-    CPU_GATE,
-    CascadeGate,
     Group,
     attention_lse,
     decode_group,
@@ -156,6 +155,76 @@ def test_gate_takes_the_two_level_path_only_where_it_pays():
     assert not never.pays(8, 10**6) and never.pays(16, 128)
     assert CascadeGate.from_dict(never.to_dict()) == never
     assert json.loads(json.dumps(never.to_dict()))["min_prefix"] == [None, 128]
+
+
+def test_gate_decides_arrays_as_one_by_one():
+    import numpy as np
+
+    from controller.cascade_gate import EVERY_SHARED, NEVER
+
+    width, prefix = np.meshgrid(np.arange(0, 70), [0, 1, 63, 64, 249, 250, 2000, 5000])
+    width, prefix = width.ravel(), prefix.ravel()
+    for gate in (CascadeGate.from_dict(GATE), CPU_GATE, EVERY_SHARED, NEVER):
+        many = gate.pays_many(width, prefix)
+        assert many.tolist() == [gate.pays(int(w), int(p)) for w, p in zip(width, prefix)]
+    assert EVERY_SHARED.pays(2, 1) and not EVERY_SHARED.pays(2, 0)
+    assert not EVERY_SHARED.pays(1, 100) and not NEVER.pays(64, 10**9)
+
+
+def test_the_controller_counts_a_prefix_once_only_where_the_engine_gate_does():
+    """Under cascade, a group the engine's gate turns down is read member by
+    member: the controller's features must say so (kv in full, no prefix)."""
+    from controller import Controller, Seq, StepView, TaperConfig
+    from controller.predictor import SCALE
+
+    def seqs(width, prefix, group):
+        # the first member prefilled the prefix: the radix cache gave it none
+        return [Seq(f"g{group}-{b}", group=group, branch=b, width=width,
+                    kv_len=prefix + 10, shared_len=0 if b == 0 else prefix,
+                    arrival=0.0, first_token=0.1, generated=10) for b in range(width)]
+
+    view = StepView.from_seqs(seqs(2, 1000, 0) + seqs(4, 400, 1), now=1.0)
+    total = 2 * 1010 + 4 * 410
+
+    def features(gate):
+        ctl = Controller(TaperConfig(policy="eager", cascade=True), cascade_gate=gate)
+        d = ctl.decide(view)
+        assert len(d.keep) == 6
+        return (d.features * SCALE)[[2, 4]].round().tolist()  # kv, prefix tokens
+
+    # CPU_GATE: width 2 needs 2180 tokens (turned down), width 4 needs 291 (passes)
+    assert features(CPU_GATE) == [total - 4 * 400, 400]
+    from controller.cascade_gate import EVERY_SHARED, NEVER
+
+    assert features(EVERY_SHARED) == [total - 2 * 1000 - 4 * 400, 1000 + 400]
+    assert features(NEVER) == [total, 0]
+    # taper's extras: a held member's cost counts its prefix only where the gate passes
+    ctl = Controller(TaperConfig(policy="taper", cascade=True), cascade_gate=CPU_GATE)
+    mandatory = view.group < 0
+    mandatory[[0, 2]] = True  # the base branches
+    share = ctl._gated_share(view, mandatory, view.group[[1, 3, 4, 5]])
+    assert share.tolist() == [0.0, 0.0, 0.0, 0.0]  # width 2 with one more: still turned down
+    mandatory[[3, 4]] = True  # group 1 has 3 members in: a 4th makes it pass
+    assert ctl._gated_share(view, mandatory, view.group[[1, 5]]).tolist() == [0.0, 400.0]
+
+
+def test_the_server_tells_the_controller_its_gate(tmp_path):
+    from controller import TaperConfig
+    from controller.cascade_gate import EVERY_SHARED, NEVER
+    from sglang_taper.adapter.cascade_backend import engine_gate
+
+    cfg = TaperConfig(cascade=True)
+    args = SimpleNamespace(attention_backend="taper_cascade", decode_attention_backend=None)
+    assert engine_gate(args, cfg) == CPU_GATE
+    args.attention_backend = "taper_cascade_flashinfer"
+    assert engine_gate(args, cfg) == EVERY_SHARED
+    args.decode_attention_backend = "triton"  # the user's own decode backend: no cascade
+    assert engine_gate(args, cfg) == NEVER
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps({"cascade": GATE}))
+    args.decode_attention_backend = None
+    assert engine_gate(args, TaperConfig(cascade=True, cascade_profile=str(prof))) == \
+        CascadeGate.from_dict(GATE)
 
 
 def test_gate_rejects_bad_thresholds():

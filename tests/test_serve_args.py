@@ -31,6 +31,12 @@ def run_serve(*args: str) -> subprocess.CompletedProcess:
         (["--taper-policy", "clairvoyant"], "only the simulator"),
         (["--taper-slowdown", "0.5"], "--taper-slowdown must be >= 1"),
         (["--taper-slowdown", "2", "--taper-overlap"], "overlap scheduler off"),
+        (["--taper-cascade", "--taper-cascade-profile", "/no/such.json"], "not a readable"),
+        (["--taper-cascade", "--taper-cascade-profile", "pyproject.toml"], "not a readable"),
+        (["--taper-cascade", "--taper-cascade-profile",
+          "bench/sim/profiles/h200_qwen3_32b_decode.json"], "no cascade section"),
+        (["--taper-cascade-profile", "bench/sim/profiles/cpu_tiny_llama_cascade.json"],
+         "needs --taper-cascade"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, needle):

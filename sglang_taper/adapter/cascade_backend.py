@@ -2,7 +2,7 @@
 `taper serve --taper-cascade`).
 
 Both take the two-level path only for the groups where it pays: a
-`CascadeGate` (sglang_taper/cascade.py) compares the predicted time of plain
+`CascadeGate` (controller/cascade_gate.py) compares the predicted time of plain
 and two-level attention per group, from the group's width, shared prefix and
 own tokens; the other groups are attended as ordinary sequences.
 
@@ -31,10 +31,9 @@ from sglang.srt.layers.attention.attention_registry import register_attention_ba
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from controller.cascade_gate import CPU_GATE, EVERY_SHARED, NEVER, CascadeGate
 from controller.config import TaperConfig
 from sglang_taper.cascade import (
-    CPU_GATE,
-    CascadeGate,
     Group,
     decode_group,
     group_layout,
@@ -177,6 +176,19 @@ def _flashinfer_backend_class():
 
 
 NAMES = ("taper_cascade", "taper_cascade_flashinfer")
+
+
+def engine_gate(server_args, config: TaperConfig) -> CascadeGate:
+    """The rule this server's decode attention applies (for the controller's
+    prediction): the profile's gate, or the backend's default; NEVER when the
+    decode backend is not one of ours (the user chose another)."""
+    backend = (getattr(server_args, "decode_attention_backend", None)
+               or getattr(server_args, "attention_backend", None))
+    if backend not in NAMES:
+        return NEVER
+    if config.cascade_profile:
+        return CascadeGate.load(config.cascade_profile)
+    return CPU_GATE if backend == "taper_cascade" else EVERY_SHARED
 
 
 def register(config: TaperConfig | None = None) -> None:

@@ -62,7 +62,12 @@ class SchedulerRuntime:
         self.config = config
         # TaperConfig.enabled, read by every hook first: off, they return at once
         self.enabled = config.enabled
-        self.controller = Controller(config)
+        gate = None
+        if config.cascade:  # the controller counts a prefix once only where the engine does
+            from sglang_taper.adapter.cascade_backend import engine_gate
+
+            gate = engine_gate(getattr(scheduler, "server_args", None), config)
+        self.controller = Controller(config, cascade_gate=gate)
         self.stats = TaperStats(str(config.policy))
         self.groups = GroupCodes()
         self.held = None  # the held-out part of the running batch, or None
