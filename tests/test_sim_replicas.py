@@ -218,3 +218,12 @@ def test_plan_on_a_trace_takes_per_context_slos_from_the_cost_model(tmp_path):
     assert result["cells"][0]["tried"]
     assert plan.main(["--rate", "1", "--replicas", "2"]) == 2
     assert plan.main(["--rate", "1", "--controller", "margin=7"]) == 2
+
+
+def test_scaleout_checks_its_options_as_taper_sim(capsys):
+    from bench.sim import scaleout
+
+    assert scaleout.main(["--controller", "margin=7"]) == 2
+    assert "margin" in capsys.readouterr().err
+    assert scaleout.main(["--cost-model", "linear:/no/such.json"]) == 2
+    assert "scaleout: error:" in capsys.readouterr().err

@@ -211,9 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                    "least this many programs in all (default 160)")
     ns = p.parse_args(argv)
     try:
-        options.validate(ns, live=False)
-        cli.resolve_cost_model(ns)
-    except ValueError as e:
+        cli.check_options(ns)  # as taper sim: workload, cost model, --controller settings
+    except (ValueError, OSError) as e:
         print(f"scaleout: error: {e}", file=sys.stderr)
         return 2
     ns.calibration = None
