@@ -34,6 +34,9 @@ def test_cascade_keeps_greedy_outputs_identical(server_pool, tmp_path):
         info = get_json(srv.url + "/server_info")
         backend = info.get("attention_backend")
         assert backend == ("taper_cascade" if extra else "torch_native")
-        assert get_json(srv.url + "/taper/stats")["regulated_steps"] > 0
+        stats = get_json(srv.url + "/taper/stats")
+        assert stats["regulated_steps"] > 0
+        # the controller's cascade features (the engine's gate) never failed a decision
+        assert stats["faults"] == 0 and not stats["degraded"], stats.get("degraded_reason")
     assert_same_outputs(out["always"], out["plain"], "cascade (every group) vs plain", tol=1e-4)
     assert_same_outputs(out["gated"], out["plain"], "cascade (gated) vs plain", tol=1e-4)
