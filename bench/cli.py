@@ -9,6 +9,9 @@ policies apart. Live and simulated figures are printed side by side.
 
 With --sweep auto (or a list of rates): each policy's highest rate at >= 95%
 attainment is found live, by bisection, on its own fresh server, per seed.
+With --interleave as well, every policy's server is up at once (idle ones
+asleep: SGLang's --sleep-on-idle) and the policies' probes take turns, so that
+they see the same stretch of a host whose speed drifts.
 
 With --base-url: the running server, or `taper router` in front of several,
 as it is (its own policy, no simulation): calibrated, then the workload at
@@ -22,12 +25,13 @@ import json
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
 from bench import options, report
 from bench.calibration import capacity, mean_context
-from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
+from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_interleaved, sweep_one
 from bench.workload import at_rate, save_jsonl
 
 SWEEP_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper"
@@ -79,7 +83,7 @@ class LiveBench:
 
     # ----------------------------------------------------------- servers
 
-    def server(self, policy: str):
+    def server(self, policy: str, sleep_on_idle: bool = False):
         from bench.live import ExternalServer, LiveServer
 
         if self.ns.base_url:
@@ -88,6 +92,8 @@ class LiveBench:
 
         # The controller orders branches by the same stage deadline the SLO uses.
         args = ["--taper-branch-stretch", str(self.spec.stretch), *self.ns.serve_args]
+        if sleep_on_idle and "--sleep-on-idle" not in args:
+            args.append("--sleep-on-idle")  # an idle scheduler otherwise polls a core
         return LiveServer(policy, args, Path(self.ns.result_dir), self.context,
                           samples=self.ns.calibration_samples)
 
@@ -150,18 +156,43 @@ class LiveBench:
         sweep = options.parse_sweep(self.ns.sweep)
         widest = max(st.width for ps in self.programs.values() for p in ps for st in p.stages)
         same_as = same_as_eager(policies, widest)
-        for policy in (p for p in policies if p not in same_as):
-            with self.server(policy) as srv:
-                self.calibrated(srv)
-                for seed in self.seeds:
-                    cap = self.result["capacity_programs_per_s"][seed]
-                    first = self.ns.request_rate or options.DEFAULT_RATE
-                    start = options.parse_rate(first).resolve(cap)
-                    spec = (SweepSpec(start=start) if sweep == "auto"
-                            else SweepSpec(grid=tuple(r.resolve(cap) for r in sweep)))
-                    self.result["runs"] += sweep_one(
-                        lambda rate, srv=srv, seed=seed: self.probe(srv, seed, rate), spec)
+        run = [p for p in policies if p not in same_as]
+        if self.ns.interleave:  # (result["config"] records it)
+            self._interleaved(run, sweep)
+        else:
+            for policy in run:
+                with self.server(policy) as srv:
+                    self.calibrated(srv)
+                    for seed in self.seeds:
+                        self.result["runs"] += sweep_one(
+                            lambda rate, srv=srv, seed=seed: self.probe(srv, seed, rate),
+                            self._spec(sweep, seed))
         self.result["sweep"] = aggregate(self.result["runs"], same_as=same_as)
+
+    def _spec(self, sweep, seed: int) -> SweepSpec:
+        cap = self.result["capacity_programs_per_s"][seed]
+        if sweep == "auto":
+            first = self.ns.request_rate or options.DEFAULT_RATE
+            return SweepSpec(start=options.parse_rate(first).resolve(cap))
+        return SweepSpec(grid=tuple(r.resolve(cap) for r in sweep))
+
+    def _interleaved(self, policies: list[str], sweep) -> None:
+        """--interleave: every policy's server up at once, idle ones asleep, and
+        per seed the policies' searches taking turns probe by probe
+        (bench.sweep.sweep_interleaved); the first server's calibration sets
+        the SLOs, as in a sequential sweep."""
+        with ExitStack() as stack:
+            servers = []
+            for policy in policies:
+                srv = stack.enter_context(self.server(policy, sleep_on_idle=True))
+                self.calibrated(srv)
+                servers.append(srv)
+            for seed in self.seeds:
+                probes = [lambda rate, srv=srv, seed=seed: self.probe(srv, seed, rate)
+                          for srv in servers]
+                spec = self._spec(sweep, seed)
+                for runs in sweep_interleaved(probes, [spec] * len(probes)):
+                    self.result["runs"] += runs
 
     def external(self) -> None:
         """--base-url: the running server (or router) at one rate, or swept, per seed."""
@@ -291,6 +322,11 @@ def parser() -> argparse.ArgumentParser:
                    help="write every run's program records (JSONL) to the result dir")
     p.add_argument("--calibration-samples", type=int, default=10,
                    help="lone requests timed on each fresh server (at least 10)")
+    p.add_argument("--interleave", action="store_true",
+                   help="with --sweep: every policy's server up at once (idle ones asleep, "
+                   "--sleep-on-idle) and their probes taking turns, so that all see the same "
+                   "stretch of a host whose speed drifts (compare policies this way on a "
+                   "shared machine)")
     p.add_argument("--base-url", help="benchmark this running server, or a `taper router`, "
                    "as it is, instead of a fresh server per policy (--policies is ignored)")
     p.add_argument("serve_args", nargs=argparse.REMAINDER,
@@ -317,6 +353,9 @@ def main(argv: list[str]) -> int:
             options.validate(argparse.Namespace(**{**vars(ns), "policies": "taper"}), live=True)
         if ns.base_url and ns.serve_args:
             raise ValueError("--base-url uses a running server: no `taper serve` arguments")
+        if ns.interleave and (not ns.sweep or ns.base_url):
+            raise ValueError("--interleave takes turns between the policies' servers of a "
+                             "--sweep: give --sweep, and no --base-url")
     except ValueError as e:
         print(f"taper bench: error: {e}", file=sys.stderr)
         return 2

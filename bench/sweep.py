@@ -20,7 +20,7 @@ relaxation no policy can beat (bench/sim/bound.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 TARGET = 0.95  # SLO attainment a rate must reach to count as sustained
@@ -61,34 +61,25 @@ def attainment(run: dict) -> float:
     return run["summary"]["slo_attainment"]
 
 
-def sweep_one(probe: Callable[[float], dict], spec: SweepSpec,
-              log: Callable[[str], None] | None = None) -> list[dict]:
-    """Every probe of one (policy, seed), in the order run: the grid's rates, or
-    a bracketing-then-bisection search for the highest rate at >= target. Each
-    run dict gets "probe": its index, and "passed"."""
+def search(spec: SweepSpec) -> Generator[float, dict, None]:
+    """The rates one (policy, seed) probes, in order: each `yield rate` is
+    answered (`send`) with that probe's run dict, its "passed" set. The grid's
+    rates, or a bracketing-then-bisection search for the highest rate at >=
+    target."""
     runs: list[dict] = []
-
-    def passes(rate: float) -> bool:
-        run = probe(rate)
-        run["probe"] = len(runs)
-        run["passed"] = attainment(run) >= spec.target
-        runs.append(run)
-        if log is not None:
-            log(f"rate {rate:.4g}/s: attainment {100 * attainment(run):.1f}%"
-                f" ({'pass' if run['passed'] else 'fail'})")
-        return run["passed"]
-
     if not spec.auto:
         for rate in spec.grid:
-            passes(rate)
-        return runs
+            runs.append((yield rate))
+        return
     lo = hi = None
     rate = spec.start
-    if passes(rate):
+    runs.append((yield rate))
+    if runs[-1]["passed"]:
         lo = rate
         while hi is None and len(runs) < spec.max_probes:
             rate *= spec.factor
-            if passes(rate):
+            runs.append((yield rate))
+            if runs[-1]["passed"]:
                 lo = rate
             else:
                 hi = rate
@@ -98,7 +89,8 @@ def sweep_one(probe: Callable[[float], dict], spec: SweepSpec,
             rate /= spec.factor
             if rate < spec.start * spec.floor:
                 break
-            if passes(rate):
+            runs.append((yield rate))
+            if runs[-1]["passed"]:
                 lo = rate
             else:
                 hi = rate
@@ -108,11 +100,52 @@ def sweep_one(probe: Callable[[float], dict], spec: SweepSpec,
     while lo is not None and hi is not None and hi / lo > 1 + spec.tolerance \
             and len(runs) < spec.max_probes:
         mid = math.sqrt(lo * hi)
-        if passes(mid):
+        runs.append((yield mid))
+        if runs[-1]["passed"]:
             lo = mid
         else:
             hi = mid
-    return runs
+
+
+def _answer(rate: float, run: dict, runs: list[dict], spec: SweepSpec,
+            log: Callable[[str], None] | None) -> dict:
+    run["probe"] = len(runs)
+    run["passed"] = attainment(run) >= spec.target
+    runs.append(run)
+    if log is not None:
+        log(f"rate {rate:.4g}/s: attainment {100 * attainment(run):.1f}%"
+            f" ({'pass' if run['passed'] else 'fail'})")
+    return run
+
+
+def sweep_one(probe: Callable[[float], dict], spec: SweepSpec,
+              log: Callable[[str], None] | None = None) -> list[dict]:
+    """Every probe of one (policy, seed), in the order run (`search`). Each run
+    dict gets "probe": its index, and "passed"."""
+    return sweep_interleaved([probe], [spec], log)[0]
+
+
+def sweep_interleaved(probes: list[Callable[[float], dict]], specs: list[SweepSpec],
+                      log: Callable[[str], None] | None = None) -> list[list[dict]]:
+    """Several (policy, seed) searches whose probes take turns, one probe each
+    per round, until every search is done: the policies see the same stretch
+    of a host whose speed drifts. Each search is `search(spec)`, the same
+    rates as alone; the probes' runs per search, in its order."""
+    out: list[list[dict]] = [[] for _ in probes]
+    active = []
+    for i, spec in enumerate(specs):
+        gen = search(spec)
+        active.append((i, gen, next(gen)))
+    while active:
+        still = []
+        for i, gen, rate in active:
+            run = _answer(rate, probes[i](rate), out[i], specs[i], log)
+            try:
+                still.append((i, gen, gen.send(run)))
+            except StopIteration:
+                pass
+        active = still
+    return out
 
 
 def max_rate(runs: list[dict], target: float = TARGET) -> dict:

@@ -230,3 +230,50 @@ def test_fidelity_cases_parse_as_taper_bench_and_compare_figure_by_figure(capsys
     assert fidelity.main(["--cases", "default,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
     assert fidelity.main(["--cases", "default", "--policy", "nonsense"]) == 2
+
+
+def test_interleave_keeps_every_server_up_and_alternates_their_probes(monkeypatch):
+    """taper bench --sweep --interleave, wired with stand-in servers: every server
+    starts (with --sleep-on-idle) before the first probe and stops after the last,
+    the first one's calibration sets the SLOs, and the probes take turns."""
+    import json
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    import pytest
+
+    from bench import cli
+
+    cal = json.loads(Path("bench/results/cascade-live/result.json").read_text())["calibration"]
+    events = []
+
+    @contextmanager
+    def server(self, policy, sleep_on_idle=False):
+        events.append(("start", policy, sleep_on_idle))
+        yield type("Srv", (), {"policy": policy, "calibration": dict(cal), "start_s": 1.0})()
+        events.append(("stop", policy))
+
+    def probe(self, srv, seed, rate):
+        events.append(("probe", srv.policy))
+        att = 1.0 if rate < (0.3 if srv.policy == "eager" else 0.6) else 0.5
+        return {"policy": srv.policy, "seed": seed, "rate": rate,
+                "summary": {"slo_attainment": att}}
+
+    monkeypatch.setattr(cli.LiveBench, "server", server)
+    monkeypatch.setattr(cli.LiveBench, "probe", probe)
+    ns = cli.parse(["--sweep", "auto", "--interleave", "--policies", "eager,taper",
+                    "--num-prompts", "4", "--request-rate", "0.2", "--no-plots"])
+    result = cli.run_bench(ns)
+    kinds = [e[0] for e in events]
+    assert events[:2] == [("start", "eager", True), ("start", "taper", True)]
+    assert kinds.count("stop") == 2 and "probe" not in kinds[kinds.index("stop"):]
+    probes = [e[1] for e in events if e[0] == "probe"]
+    n_eager = probes.count("eager")
+    assert probes[: 2 * n_eager] == ["eager", "taper"] * n_eager  # turns while both search
+    assert set(probes[2 * n_eager:]) <= {"taper"} and probes.count("taper") > n_eager
+    assert result["calibration"]["policy"] == "eager"  # the first server's
+    best = result["sweep"]["max_rate"]
+    assert best["taper"]["per_seed"][0] > best["eager"]["per_seed"][0]
+    assert cli.main(["--interleave", "--policies", "eager,taper"]) == 2  # needs --sweep
+    with pytest.raises(SystemExit):
+        cli.parse(["--interleave=yes"])

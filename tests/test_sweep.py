@@ -7,7 +7,14 @@ import math
 
 import pytest
 
-from bench.sweep import SweepSpec, aggregate, max_rate, same_as_eager, sweep_one
+from bench.sweep import (
+    SweepSpec,
+    aggregate,
+    max_rate,
+    same_as_eager,
+    sweep_interleaved,
+    sweep_one,
+)
 
 
 def curve(threshold: float):
@@ -50,6 +57,33 @@ def test_grid_runs_every_rate_in_order():
     runs = sweep_one(curve(1.5), SweepSpec(grid=(0.5, 1.0, 2.0)))
     assert [r["rate"] for r in runs] == [0.5, 1.0, 2.0]
     assert max_rate(runs)["rate"] == 1.0
+
+
+def test_interleaved_searches_take_turns_and_probe_as_alone():
+    """Probes alternate between the searches, one each per round, and each search
+    tries the same rates as on its own; a search that ends leaves the rotation."""
+    order = []
+
+    def logged(name, probe):
+        def run(rate):
+            order.append(name)
+            return probe(rate)
+        return run
+
+    specs = [SweepSpec(start=0.5), SweepSpec(start=0.5), SweepSpec(grid=(0.5, 1.0))]
+    curves = [curve(1.0), curve(2.9), curve(1.5)]
+    together = sweep_interleaved([logged(n, c) for n, c in zip("abc", curves)], specs)
+    alone = [sweep_one(c, s) for c, s in zip(curves, specs)]
+    assert [[r["rate"] for r in runs] for runs in together] == \
+        [[r["rate"] for r in runs] for runs in alone]
+    assert [[r["passed"] for r in runs] for runs in together] == \
+        [[r["passed"] for r in runs] for runs in alone]
+    n = [len(runs) for runs in together]
+    assert n[2] == 2 and n[0] != n[1]
+    rounds = max(n)
+    expect = [name for k in range(rounds) for name, m in zip("abc", n) if k < m]
+    assert order == expect
+    assert order[:3] == ["a", "b", "c"]
 
 
 def _runs(policy: str, seed: int, threshold: float | None) -> list[dict]:
