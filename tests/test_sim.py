@@ -6,6 +6,8 @@ import json
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.metrics import SLOSpec, summarize
 from bench.sim import cost as costs
@@ -98,3 +100,19 @@ def test_the_throughput_bound_is_above_what_a_policy_sustains():
     longest = max(allowance(p, spec) for p in progs)
     bound = max_rate_bound(progs, cost, SimConfig(kv_capacity=400_000), longest)
     assert best is not None and 0 < best < bound < float("inf")
+
+
+@settings(max_examples=300, deadline=None)
+@given(xs=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=2, max_size=12, unique=True),
+       ys=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=12, max_size=12),
+       x=st.floats(-2e6, 2e6, allow_nan=False))
+def test_scalar_interp_is_np_interp_bit_for_bit(xs, ys, x):
+    """The measured cost model's lookups skip np.interp's call overhead; the
+    values must not move (the simulator's results are checked against a digest)."""
+    import numpy as np
+
+    xp = sorted(xs)
+    fp = ys[: len(xp)]
+    for at in (x, xp[0], xp[-1], xp[len(xp) // 2], (xp[0] + xp[-1]) / 2):
+        assert costs.interp(at, xp, fp) == float(np.interp(at, xp, fp))
+        assert costs.interp(at, xp, fp) == float(np.interp(at, np.array(xp), np.array(fp)))

@@ -19,9 +19,11 @@ Models:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +161,27 @@ class AnalyticCost(CostModel):
                 "weight_bytes": self.weight_bytes, "kv_bytes_per_token": self.kv_bytes_per_token}
 
 
+def interp(x: float, xp: Sequence[float], fp: Sequence[float]) -> float:
+    """np.interp(x, xp, fp) of one x over increasing xp, bit for bit: numpy's
+    own cases and formula (numpy/_core/src/multiarray/compiled_base.c), in
+    Python floats, without its call overhead (several microseconds a call)."""
+    x = float(x)
+    if x != x:
+        return x
+    j = bisect.bisect_right(xp, x) - 1
+    if j < 0:
+        return float(fp[0])
+    if j >= len(xp) - 1 or xp[j] == x:
+        return float(fp[j])
+    slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j])
+    y = slope * (x - xp[j]) + fp[j]
+    if y != y:
+        y = slope * (x - xp[j + 1]) + fp[j + 1]
+        if y != y and fp[j] == fp[j + 1]:
+            y = fp[j]
+    return float(y)
+
+
 class MeasuredCost(CostModel):
     """A table of decode steps timed on a GPU over (batch, context length),
     bilinear in batch and context, with prefill from the analytic model of the
@@ -171,6 +194,10 @@ class MeasuredCost(CostModel):
         self.batches = np.asarray(data["batches"], dtype=float)
         self.contexts = np.asarray(data["contexts"], dtype=float)
         self.table = np.asarray(data["decode_s"], dtype=float)  # [batch, context]
+        # The same numbers as Python floats: one step's lookup is a few scalar
+        # interpolations, which np.interp's call overhead would dominate.
+        self._b, self._c = self.batches.tolist(), self.contexts.tolist()
+        self._rows = self.table.tolist()
         self.meta = {k: v for k, v in data.items() if k != "decode_s"}
         gpu = str(data.get("gpu", "h200")).lower()
         gpu = next((g for g in GPUS if g in gpu), "h200")  # "NVIDIA H200" -> "h200"
@@ -181,18 +208,18 @@ class MeasuredCost(CostModel):
         # Bilinear over the measured grid; linear beyond its last batch and last
         # context (attention reads grow linearly with both). Only the two batch rows
         # around n are interpolated in context: np.interp reads no others.
-        b = self.batches
-        j = min(max(int(np.searchsorted(b, n)) - 1, 0), len(b) - 2)
+        b = self._b
+        j = min(max(bisect.bisect_left(b, n) - 1, 0), len(b) - 2)
         r0, r1 = self._at_context(j, ctx), self._at_context(j + 1, ctx)
         if n <= b[-1]:
-            return float(np.interp(n, b[j:j + 2], (r0, r1)))
-        return float(r1 + (r1 - r0) / (b[-1] - b[-2]) * (n - b[-1]))
+            return interp(n, b[j:j + 2], (r0, r1))
+        return r1 + (r1 - r0) / (b[-1] - b[-2]) * (n - b[-1])
 
     def _at_context(self, i: int, ctx: float) -> float:
-        c, row = self.contexts, self.table[i]
+        c, row = self._c, self._rows[i]
         if ctx <= c[-1]:
-            return float(np.interp(ctx, c, row))
-        return float(row[-1] + (row[-1] - row[-2]) / (c[-1] - c[-2]) * (ctx - c[-1]))
+            return interp(ctx, c, row)
+        return row[-1] + (row[-1] - row[-2]) / (c[-1] - c[-2]) * (ctx - c[-1])
 
     def prefill(self, tokens, reqs):
         return self._prefill.prefill(tokens, reqs)
