@@ -314,19 +314,28 @@ class Controller:
         # No prediction (NaN): reading the weights would re-solve the fit every step.
         return Decision(keep, _EMPTY, n_seqs, math.inf, 0.0, math.nan, x / SCALE, ())
 
+    @staticmethod
+    def _group_prefixes(groups: np.ndarray, shared: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Of the sequences in a group (`groups` >= 0): their mask, the group
+        codes present (ascending), each such sequence's index into them, and
+        each group's prefix: its members' largest `shared` (the first member
+        prefilled it: its own count is 0)."""
+        in_group = groups >= 0
+        codes, inv = np.unique(groups[in_group], return_inverse=True)
+        prefix = np.zeros(len(codes))
+        np.maximum.at(prefix, inv, shared[in_group])
+        return in_group, codes, inv, prefix
+
     def _gated_prefix(self, groups: np.ndarray, shared: np.ndarray) -> tuple[float, float]:
         """With the engine's cascade gate, of a batch's sequences (`groups`,
         `shared`): the KV tokens its members do not read one by one, and the
         prefix tokens read once, over the groups the gate sends down the
-        two-level path. A group's prefix is its members' largest `shared` (the
-        first member prefilled it: its own count is 0); its width, its members
-        in the batch."""
-        in_group = groups >= 0
-        if not in_group.any():
+        two-level path (a group's width: its members in the batch)."""
+        _, codes, inv, prefix = self._group_prefixes(groups, shared)
+        if not len(codes):
             return 0.0, 0.0
-        _, inv, width = np.unique(groups[in_group], return_inverse=True, return_counts=True)
-        prefix = np.zeros(len(width))
-        np.maximum.at(prefix, inv, shared[in_group])
+        width = np.bincount(inv, minlength=len(codes))
         pays = self._cascade_gate.pays_many(width, prefix)
         return float((width * prefix)[pays].sum()), float(prefix[pays].sum())
 
@@ -337,10 +346,7 @@ class Controller:
         mandatory members plus this one, else 0. Conservative: an extra that
         tips its group over the gate's threshold is not credited with its
         members' savings."""
-        in_group = view.group >= 0
-        codes, inv = np.unique(view.group[in_group], return_inverse=True)
-        prefix = np.zeros(len(codes))
-        np.maximum.at(prefix, inv, view.shared_len[in_group])
+        in_group, codes, inv, prefix = self._group_prefixes(view.group, view.shared_len)
         members = np.bincount(inv, weights=mandatory[in_group], minlength=len(codes))
         j = codes.searchsorted(ext_g)
         p = prefix[j]

@@ -178,17 +178,22 @@ def _flashinfer_backend_class():
 NAMES = ("taper_cascade", "taper_cascade_flashinfer")
 
 
-def engine_gate(server_args, config: TaperConfig) -> CascadeGate:
-    """The rule this server's decode attention applies (for the controller's
-    prediction): the profile's gate, or the backend's default; NEVER when the
-    decode backend is not one of ours (the user chose another)."""
-    backend = (getattr(server_args, "decode_attention_backend", None)
-               or getattr(server_args, "attention_backend", None))
+def backend_gate(backend: str | None, config: TaperConfig | None) -> CascadeGate:
+    """The gate decode attention `backend` applies: `config.cascade_profile`'s
+    if given, else the backend's default (CPU_GATE on CPU, every group sharing
+    a prefix with FlashInfer); NEVER for a backend not of ours."""
     if backend not in NAMES:
         return NEVER
-    if config.cascade_profile:
+    if config is not None and config.cascade_profile:
         return CascadeGate.load(config.cascade_profile)
     return CPU_GATE if backend == "taper_cascade" else EVERY_SHARED
+
+
+def engine_gate(server_args, config: TaperConfig) -> CascadeGate:
+    """The rule this server's decode attention applies, for the controller's
+    prediction (the user may have chosen another decode backend: NEVER)."""
+    return backend_gate(getattr(server_args, "decode_attention_backend", None)
+                        or getattr(server_args, "attention_backend", None), config)
 
 
 def register(config: TaperConfig | None = None) -> None:
@@ -197,17 +202,17 @@ def register(config: TaperConfig | None = None) -> None:
     fails here, at start-up), else each backend's default (see the module doc)."""
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
 
-    path = config.cascade_profile if config is not None else None
-    gate = CascadeGate.load(path) if path else None
+    cpu_gate = backend_gate("taper_cascade", config)
+    gpu_gate = backend_gate("taper_cascade_flashinfer", config)
     for name in NAMES:
         if name not in ATTENTION_BACKEND_CHOICES:
             ATTENTION_BACKEND_CHOICES.append(name)
     register_attention_backend("taper_cascade")(
-        lambda runner: TaperCascadeAttnBackend(runner, gate or CPU_GATE))
+        lambda runner: TaperCascadeAttnBackend(runner, cpu_gate))
 
     def flashinfer(runner):
         backend = _flashinfer_backend_class()(runner)
-        backend.gate = gate
+        backend.gate = gpu_gate  # EVERY_SHARED: what no gate (None) does in group_layout
         return backend
 
     register_attention_backend("taper_cascade_flashinfer")(flashinfer)
