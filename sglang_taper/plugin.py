@@ -17,7 +17,7 @@ ENV_ENABLED = "TAPER_ENABLED"
 ENV_CONFIG = "TAPER_CONFIG"
 ENV_BATCH_INVARIANT = "TAPER_BATCH_INVARIANT"  # "1": CPU matmuls batch-invariant
 ENV_SLOWDOWN = "TAPER_SLOWDOWN"  # F > 1: every forward pass takes F times as long (testing)
-ENV_FAULT = "TAPER_INJECT_FAULT"  # POINT[@N]: TAPER's scheduler code raises there (testing)
+ENV_FAULT = "TAPER_INJECT_FAULT"  # POINT[@N] or later: TAPER raises there (testing)
 
 
 def enabled() -> bool:

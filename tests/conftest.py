@@ -49,6 +49,8 @@ class ServerPool:
     - Every SGLang run here checks KV conservation after each scheduling pass
       (STRICT_ENV), so configurations that differed only in that share one.
     `fresh=True` always starts a new server.
+    A server the pool lets go is killed, not drained (ServerProcess.kill):
+    SGLang's graceful shutdown waits about 5 s, and its tests are done.
     """
 
     def __init__(self, keep: int | None = None) -> None:
@@ -89,7 +91,7 @@ class ServerPool:
         self.uses[key] = self.uses.get(key, 0) + 1
         server = self.alive.pop(key, None)
         if server is not None and (fresh or server.proc.poll() is not None):
-            server.stop()
+            server.kill()
             server = None
         if server is not None:
             self.alive[key] = server  # now the most recently used
@@ -98,10 +100,10 @@ class ServerPool:
                 return self._hand_over(server)
             if self._reconfigure(server, args, config):
                 return self._hand_over(server)
-            self.alive.pop(key).stop()
+            self.alive.pop(key).kill()
         while len(self.alive) >= self.keep:
             least = min(self.alive, key=lambda k: self.uses[k])  # the first such: LRU
-            self.alive.pop(least).stop()
+            self.alive.pop(least).kill()
         name = "-".join(a.strip("-").replace(":", "") for a in args)[:60] or "default"
         server = ServerProcess(args, cmd=cmd, env=env,
                                log_path=LOG_DIR / f"server-{name}-{len(self.starts)}.log")
@@ -164,12 +166,12 @@ class ServerPool:
         for key, kept in list(self.alive.items()):
             if kept is server:
                 del self.alive[key]
-        server.stop()
+        server.kill()
 
     def close(self) -> None:
         """Stop every kept server (before a test that starts its own)."""
         while self.alive:
-            self.alive.popitem()[1].stop()
+            self.alive.popitem()[1].kill()
 
 
 @pytest.fixture(scope="session")

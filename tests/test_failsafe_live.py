@@ -1,12 +1,15 @@
 """The fail-safe, live: an error in TAPER's scheduler code never takes SGLang
-down. Faults are injected on purpose (TAPER_INJECT_FAULT=POINT@N: TAPER's code
-raises at POINT from its N-th call on); the server must keep serving, produce
-exactly eager's outputs, say `degraded` with the reason, log the traceback once,
-and give all KV back."""
+down. Faults are injected on purpose (TAPER's code raises at POINT from its
+N-th call on: TAPER_INJECT_FAULT=POINT@N at launch, or POST /taper/fault on a
+server launched with TAPER_INJECT_FAULT=later); the server must keep serving,
+produce exactly eager's outputs, say `degraded` with the reason, log the
+traceback once, and give all KV back. POST /taper/rearm then regulates again
+on the same server, which is how one server serves every fault here."""
 
 from __future__ import annotations
 
 import os
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,10 +49,19 @@ def _stats(url: str) -> dict:
     return get_json(url + "/taper/stats")
 
 
-def _run(server_pool, policy: str, fault: str | None, *extra: str) -> tuple[list, dict, str]:
-    env = {**STRICT, **({"TAPER_INJECT_FAULT": fault} if fault else {})}
-    srv = server_pool.get(["--taper-policy", policy, *extra], env=env)
-    outs = [_workload(srv.url, f"{policy}-{fault}-{k}") for k in range(2)]
+def _faulty(server_pool):
+    """The one server the run-time faults share, re-armed after the last one,
+    its counters from zero."""
+    srv = server_pool.get(["--taper-policy", "off"], env={**STRICT, "TAPER_INJECT_FAULT": "later"})
+    post_json(srv.url + "/taper/rearm", {})
+    post_json(srv.url + "/taper/stats/reset", {})
+    stats = _stats(srv.url)
+    assert not stats["degraded"] and stats["regulating"] and stats["held_branch_steps"] == 0
+    return srv
+
+
+def _run(srv, tag: str) -> tuple[list, dict, str]:
+    outs = [_workload(srv.url, f"{tag}-{k}") for k in range(2)]
     kv = wait_idle(srv.url)
     assert kv["available"] + kv["evictable"] == kv["capacity"], kv
     # Still serving after the fault, requests of every kind.
@@ -60,7 +72,7 @@ def _run(server_pool, policy: str, fault: str | None, *extra: str) -> tuple[list
 
 @pytest.fixture(scope="module")
 def reference(server_pool) -> list:
-    outs, stats, log = _run(server_pool, "eager", None)
+    outs, stats, log = _run(server_pool.get(["--taper-policy", "eager"], env=STRICT), "eager")
     assert not stats["degraded"] and "Traceback" not in log
     return outs
 
@@ -68,7 +80,9 @@ def reference(server_pool) -> list:
 # observe@40: a fault after some regulated steps, mid-run; the others at once.
 @pytest.mark.parametrize("fault", ["decide@40", "split", "observe@40", "stats", "attach@6"])
 def test_a_fault_degrades_to_eager_and_the_server_keeps_serving(server_pool, reference, fault):
-    outs, stats, log = _run(server_pool, "off", fault)
+    srv = _faulty(server_pool)
+    post_json(srv.url + "/taper/fault", {"fault": fault})
+    outs, stats, log = _run(srv, f"off-{fault}")
     assert outs == reference  # `off` degraded to running every step whole: eager's outputs
     point = fault.split("@")[0]
     assert stats["degraded"] and "injected fault in " + point in stats["degraded_reason"]
@@ -86,3 +100,46 @@ def test_degraded_shows_on_prometheus(server_pool):
         text = r.read().decode()
     gauge = [line for line in text.splitlines() if line.startswith("taper_degraded")]
     assert gauge and float(gauge[0].split()[-1]) == 1.0, gauge
+    post_json(srv.url + "/taper/rearm", {})  # the launch fault is spent: the gauge goes back
+    with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    gauge = [line for line in text.splitlines() if line.startswith("taper_degraded")]
+    assert gauge and float(gauge[0].split()[-1]) == 0.0, gauge
+
+
+def test_rearm_regulates_again_on_the_same_server(server_pool, reference):
+    srv = _faulty(server_pool)
+    post_json(srv.url + "/taper/fault", {"fault": "decide"})
+    outs, stats, _ = _run(srv, "before-rearm")
+    assert outs == reference and stats["degraded"] and stats["held_branch_steps"] == 0
+    faults = stats["faults"]
+    answer = post_json(srv.url + "/taper/rearm", {})
+    assert answer["rearmed"] is True and answer["config"]["policy"] == "off"
+    stats = _stats(srv.url)
+    assert not stats["degraded"] and stats["degraded_reason"] is None and stats["regulating"]
+    srv.log_from = srv.log_path.stat().st_size  # the log from the re-arm on
+    outs, stats, log = _run(srv, "after-rearm")
+    assert outs == reference  # regulated again (held), still eager's outputs
+    assert stats["held_branch_steps"] > 0 and not stats["degraded"]
+    assert stats["faults"] == faults and "Traceback" not in log  # the fault was spent
+    assert post_json(srv.url + "/taper/rearm", {})["rearmed"] is False  # nothing to re-arm
+
+
+@pytest.mark.parametrize("body", [{"fault": "nowhere"}, {"fault": "decide@0"}, {"fault": ""},
+                                  {"point": "decide"}, ["decide"]])
+def test_a_bad_fault_is_a_400_and_changes_nothing(server_pool, body):
+    srv = _faulty(server_pool)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post_json(srv.url + "/taper/fault", body)
+    assert err.value.code == 400 and "fault" in err.value.read().decode()
+    _workload(srv.url, "bad-fault")
+    assert not _stats(srv.url)["degraded"]
+
+
+def test_fault_injection_needs_the_launch_variable(server_pool):
+    srv = server_pool.get(["--taper-policy", "off"], env=STRICT)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post_json(srv.url + "/taper/fault", {"fault": "decide"})
+    assert err.value.code == 400 and "TAPER_INJECT_FAULT=later" in err.value.read().decode()
+    assert post_json(srv.url + "/taper/rearm", {})["rearmed"] is False
+    assert not _stats(srv.url)["degraded"]

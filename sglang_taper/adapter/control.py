@@ -26,6 +26,11 @@ with `--api-key` that one, else none. GET is an ordinary endpoint (like
 
 `POST /taper/stats/reset` (same auth as POST /taper/config) travels the same
 way and restarts `/taper/stats`' counters at zero on every scheduler.
+`POST /taper/rearm` (same auth) turns regulation back on after a fault left it
+degraded (SchedulerRuntime.rearm), on every scheduler; it answers the config
+and `rearmed`: whether any scheduler was degraded. `POST /taper/fault` with
+{"fault": "POINT[@N]"} injects a fault from now on, for testing the fail-safe,
+and only on a server launched with TAPER_INJECT_FAULT (`later`: none at launch).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ logger = logging.getLogger("sglang_taper")
 
 PATH = "/taper/config"
 RESET_PATH = "/taper/stats/reset"
+REARM_PATH = "/taper/rearm"
+FAULT_PATH = "/taper/fault"
 
 
 class TaperConfigReq(BaseReq, kw_only=True):
@@ -50,6 +57,8 @@ class TaperConfigReq(BaseReq, kw_only=True):
 
     changes: str | None = None  # a JSON object of TaperConfig fields; None: only read
     reset_stats: bool = False  # restart /taper/stats' counters (POST /taper/stats/reset)
+    rearm: bool = False  # regulate again after a fault (POST /taper/rearm)
+    fault: str | None = None  # POINT[@N] to inject from now on (POST /taper/fault)
 
 
 class TaperConfigReqOutput(BaseReq, kw_only=True):
@@ -57,6 +66,7 @@ class TaperConfigReqOutput(BaseReq, kw_only=True):
 
     config: str | None = None  # its TaperConfig after the request (JSON); None: TAPER is off
     error: str | None = None  # why it refused the change (one line); None: applied
+    rearmed: bool = False  # it was degraded and regulates again
     dp_rank: int | None = None
 
 
@@ -80,9 +90,18 @@ def _answer(scheduler, req: TaperConfigReq) -> TaperConfigReqOutput:
         except Exception as e:  # noqa: BLE001 (a control request never takes SGLang down)
             logger.exception("TAPER: could not apply a config change")
             error = f"{type(e).__name__}: {e}"
+    rearmed = False
+    for wanted, act in ((req.rearm, rt.rearm),
+                        (req.fault is not None, lambda: rt.inject(req.fault))):
+        if wanted and error is None:
+            try:
+                rearmed = bool(act()) or rearmed
+            except ValueError as e:
+                error = str(e)
     if req.reset_stats and error is None:
         rt.reset_stats()
-    return TaperConfigReqOutput(config=rt.config.to_json(), error=error, dp_rank=rank)
+    return TaperConfigReqOutput(config=rt.config.to_json(), error=error, dp_rank=rank,
+                                rearmed=rearmed)
 
 
 def _after_scheduler_init(result, scheduler, *args, **kwargs):
@@ -102,14 +121,15 @@ def _reply(status: int, body: dict):
     return JSONResponse(body, status_code=status)
 
 
-async def _ask(changes: str | None, reset_stats: bool = False):
+async def _ask(changes: str | None, reset_stats: bool = False, rearm: bool = False,
+               fault: str | None = None):
     """Send one request to every scheduler and turn their answers into a response."""
     from sglang.srt.entrypoints.http_server import _global_state
 
     manager = _global_state.tokenizer_manager
     manager.auto_create_handle_loop()
     answers = await manager._taper_config_communicator(
-        TaperConfigReq(changes=changes, reset_stats=reset_stats))
+        TaperConfigReq(changes=changes, reset_stats=reset_stats, rearm=rearm, fault=fault))
     answers = sorted(answers, key=lambda a: a.dp_rank or 0)
     ranks = [{"dp_rank": a.dp_rank, "error": a.error,
               "config": None if a.config is None else json.loads(a.config)} for a in answers]
@@ -121,7 +141,10 @@ async def _ask(changes: str | None, reset_stats: bool = False):
         return _reply(400, {"error": errors.pop()})
     if errors != {None} or len(configs) != 1:
         return _reply(500, {"error": "the DP ranks disagree", "dp_ranks": ranks})
-    return _reply(200, json.loads(configs.pop()))
+    body = json.loads(configs.pop())
+    if rearm:
+        body = {"rearmed": any(a.rearmed for a in answers), "config": body}
+    return _reply(200, body)
 
 
 async def get_config():
@@ -151,6 +174,31 @@ async def post_stats_reset(request: Request):
     return await _ask(None, reset_stats=True)
 
 
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def post_rearm(request: Request):
+    """After a fault left TAPER degraded (every step whole), regulate again
+    without a restart: a fresh controller on every scheduler, as at launch.
+    Answers {"rearmed": whether any was degraded, "config": the live config}.
+    Regulation that is off for another reason (unsupported by the server's
+    settings, a broken TP group) stays off: 400 with the reason."""
+    return await _ask(None, rearm=True)
+
+
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def post_fault(request: Request):
+    """Testing the fail-safe: {"fault": "POINT[@N]"} makes TAPER's scheduler code
+    raise at POINT from its N-th call on, counted from now. Refused (400) unless
+    the server was launched with TAPER_INJECT_FAULT (`later`: none at launch)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    fault = body.get("fault") if isinstance(body, dict) else None
+    if not isinstance(fault, str) or not fault:
+        return _reply(400, {"error": 'the body must be {"fault": "POINT[@N]"}'})
+    return await _ask(None, fault=fault)
+
+
 def _after_tokenizer_init(result, manager, *args, **kwargs):
     from sglang.srt.entrypoints.http_server import app
     from sglang.srt.managers.communicator import FanOutCommunicator
@@ -166,6 +214,8 @@ def _after_tokenizer_init(result, manager, *args, **kwargs):
         app.add_api_route(PATH, get_config, methods=["GET"])
         app.add_api_route(PATH, post_config, methods=["POST"])
         app.add_api_route(RESET_PATH, post_stats_reset, methods=["POST"])
+        app.add_api_route(REARM_PATH, post_rearm, methods=["POST"])
+        app.add_api_route(FAULT_PATH, post_fault, methods=["POST"])
     return result
 
 

@@ -9,6 +9,8 @@ reason, in /taper/stats and the `taper_degraded` gauge). A step whose decision
 failed runs whole; a held part is always merged back. Under tensor parallelism
 rank 0 decides and broadcasts, and a failure on rank 0 is broadcast as "keep
 all, degrade", so every rank reaches the same fallback at the same step.
+Degraded stays until an operator re-arms regulation (POST /taper/rearm, `rearm`):
+a fresh controller, as at launch, without restarting the server.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ logger = logging.getLogger("sglang_taper")
 
 _LOG_EVERY_S = 10.0
 FAULT_POINTS = ("attach", "decide", "split", "observe", "stats")  # where a fault can be injected
+FAULT_LATER = "later"  # TAPER_INJECT_FAULT=later: none at launch; POST /taper/fault sets one
+_DEGRADED = "degraded after an error"
 # Fixed at launch: the attention backend and its gate (cascade), the predictor's warm start.
 LAUNCH_ONLY = ("cascade", "cascade_profile", "profile")
 
@@ -85,7 +89,10 @@ class SchedulerRuntime:
         self.prefill_seconds = 0.0  # seconds of measured prefill (extend) steps
         self._degrade_next: str | None = None  # TP: a fault to announce in the next broadcast
         self._rank0_decision = None
+        # TAPER_INJECT_FAULT given at all (even `later`): POST /taper/fault may set one
+        self._faults_allowed = bool(fault)
         self._fault, self._fault_at = _parse_fault(fault)
+        self._gate = gate
         self._calls: dict[str, int] = {}
         self.scheduler = scheduler
         self.tp_size = scheduler.tp_size
@@ -133,6 +140,49 @@ class SchedulerRuntime:
         self.hook_split = {}
         self.decode_seconds = 0.0
         self.prefill_seconds = 0.0
+
+    def rearm(self) -> bool:
+        """POST /taper/rearm: after a fault, regulate again without a restart
+        (the warm radix cache and the requests in flight stay). The controller
+        starts afresh, as at launch, its predictor included (a fault may have left
+        the fit itself wrong); steps in flight are not observed; an injected fault
+        is spent. Called between two steps, when no part is held. The `faults`
+        counter keeps counting. Returns whether regulation was degraded; raises
+        ValueError when it is off for another reason (unsupported, a broken TP
+        group), which a re-arm cannot mend."""
+        if self.disabled and not self.disabled.startswith(_DEGRADED):
+            raise ValueError(f"regulation is off for another reason: {self.disabled}")
+        was = self.stats.degraded is not None or self._degrade_next is not None
+        if not was:
+            return False
+        if self.held is not None:  # cannot happen between steps; never lose a part
+            raise ValueError("a held part of the batch is still out; try again")
+        self.controller = Controller(self.config, cascade_gate=self._gate)
+        self.inflight.clear()
+        self._pending = self._rank0_decision = self._degrade_next = None
+        self.disabled = None
+        self.stats.degraded = None
+        self._fault, self._fault_at, self._calls = None, 0, {}
+        self._disturbed_before = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.degraded.set(0)
+        logger.warning("TAPER: regulation re-armed after a fault (POST /taper/rearm)")
+        return True
+
+    def inject(self, spec: str) -> None:
+        """POST /taper/fault (testing the fail-safe): raise at POINT from its N-th
+        call on, counted from now. Only on a server launched with
+        TAPER_INJECT_FAULT (`later` for none at launch); ValueError otherwise."""
+        if not self._faults_allowed:
+            raise ValueError("fault injection is off: launch the server with "
+                             "TAPER_INJECT_FAULT=later (testing only)")
+        point, at = _parse_fault(spec, "fault")
+        if point is None:
+            raise ValueError(f"no fault in {spec!r}: give POINT or POINT@N, "
+                             f"POINT one of {FAULT_POINTS}")
+        self._fault, self._fault_at, self._calls = point, at, {}
+        logger.warning("TAPER: injecting a fault in %s from call %d", self._fault,
+                       self._fault_at)
 
     def _take(self, config: TaperConfig) -> None:
         changed = {k: v for k, v in config.to_dict().items() if getattr(self.config, k) != v}
@@ -187,7 +237,7 @@ class SchedulerRuntime:
             # follower keeps applying rank 0's decisions.
             self._degrade_next = self._degrade_next or reason
         else:
-            self.disabled = self.disabled or f"degraded after an error ({reason})"
+            self.disabled = self.disabled or f"{_DEGRADED} ({reason})"
         self._pending = None
         if self._metrics is not None:
             self._metrics.degraded.set(1)
@@ -557,13 +607,19 @@ class SchedulerRuntime:
         }
 
 
-def _parse_fault(spec: str | None) -> tuple[str | None, int]:
-    """TAPER_INJECT_FAULT: `POINT` or `POINT@N` (raise from the N-th call on)."""
-    if not spec:
+def _parse_fault(spec: str | None, source: str = "TAPER_INJECT_FAULT"
+                 ) -> tuple[str | None, int]:
+    """TAPER_INJECT_FAULT: `POINT` or `POINT@N` (raise from the N-th call on), or
+    `later` (none now)."""
+    if not spec or spec == FAULT_LATER:
         return None, 0
     point, _, at = spec.partition("@")
     if point not in FAULT_POINTS:
-        raise ValueError(f"TAPER_INJECT_FAULT: {point!r} is not one of {FAULT_POINTS}")
+        raise ValueError(f"{source}: {point!r} is not one of {FAULT_POINTS} "
+                         f"(or {FAULT_LATER!r})")
+    if at and not (at.isdigit() and int(at) >= 1):
+        raise ValueError(f"{source}: the call number in {spec!r} must be an "
+                         f"integer >= 1")
     return point, int(at or 1)
 
 
