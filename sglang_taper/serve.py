@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         '{"policy": "cap:4"} or {"enabled": false}, changes them between two decode '
         "steps on every scheduler (HTTP 400 with one line for bad input; the predictor "
         "keeps its fit). POST needs --admin-api-key when set, else --api-key. cascade, "
-        "cascade_profile and profile are fixed at launch. Figures: GET /taper/stats.",
+        "cascade_profile and profile are fixed at launch. Figures: GET /taper/stats. "
+        "After a fault turned regulation off (degraded), POST /taper/rearm turns it "
+        "back on without a restart (same key).",
     )
     for f in fields(TaperConfig):
         if not f.init:

@@ -17,13 +17,31 @@ LOG_DIR = Path(os.environ.get("TAPER_TEST_LOGS", "/tmp/taper-test-logs"))
 # SGLang's KV conservation check after every scheduling pass, in every live test:
 # a leak (or a held request it cannot see) fails an assertion in the scheduler.
 STRICT_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
+# Every pooled server lets a test inject a fault at run time (POST /taper/fault;
+# nothing happens until one does), so the fail-safe tests need no server of their
+# own; a caller's own TAPER_INJECT_FAULT (a fault at launch) wins.
+FAULTS_ENV = {"TAPER_INJECT_FAULT": "later"}
+
+
+def _pool_env(env: dict[str, str] | None) -> dict[str, str]:
+    return {**FAULTS_ENV, **(env or os.environ), **STRICT_ENV}
+
+
+_ENV_AT_START = frozenset(os.environ)  # before any test module's imports
 
 
 def _env_key(env: dict[str, str], *leave_out: str) -> tuple:
     """An environment as a key: pytest's own variables (the current test's name)
-    change from test to test and do not make another server."""
+    change from test to test and do not make another server; nor do the ones
+    this process's imports added to os.environ since the suite started (SGLang's
+    cache paths: CUDA_CACHE_PATH, TRITON_CACHE_DIR, ...). SGLang sets them alike
+    in every server process, but a module's `{**os.environ, ...}` taken at
+    collection holds fewer than os.environ later, and each such difference
+    started the plain server anew (8 times in one run)."""
+    added = os.environ.keys() - _ENV_AT_START
     return tuple(sorted((k, v) for k, v in env.items()
-                        if not k.startswith("PYTEST_") and k not in leave_out))
+                        if not k.startswith("PYTEST_") and k not in leave_out
+                        and k not in added))
 
 
 class ServerPool:
@@ -40,14 +58,18 @@ class ServerPool:
       process, which no test's assertion is about.
     - Up to `TAPER_TEST_SERVERS` (default 3) servers stay alive; to start
       another, the one handed out least often is stopped (the least recently
-      used of those), so the plain `taper serve` that most tests share
-      outlives the one-off configurations (a fault, a cascade profile). Each
+      used of those), but never the plain `taper serve` (no launch-only flag,
+      the suite's environment) while another can go: most modules share it,
+      and early in the suite, when every count is low, it would otherwise go
+      first (a run with counts alone started it 8 times). Each
       runs with SGLang's `--sleep-on-idle`: an idle scheduler otherwise
       busy-polls a core, and on 2 cores a parked server would slow the tests
       of another (measured: 10 CPU-seconds per 10 s idle without it, 0
       with it).
     - Every SGLang run here checks KV conservation after each scheduling pass
-      (STRICT_ENV), so configurations that differed only in that share one.
+      (STRICT_ENV), so configurations that differed only in that share one;
+      likewise every one allows faults injected at run time (FAULTS_ENV), and
+      a test that injects one re-arms the server after it.
     `fresh=True` always starts a new server.
     A server the pool lets go is killed, not drained (ServerProcess.kill):
     SGLang's graceful shutdown waits about 5 s, and its tests are done.
@@ -80,7 +102,7 @@ class ServerPool:
         args = list(args)
         if "--sleep-on-idle" not in args:
             args.append("--sleep-on-idle")
-        env = {**(env or os.environ), **STRICT_ENV}
+        env = _pool_env(env)
         config = None
         try:
             if cmd is not None:
@@ -101,8 +123,12 @@ class ServerPool:
             if self._reconfigure(server, args, config):
                 return self._hand_over(server)
             self.alive.pop(key).kill()
+        if len(self.alive) >= self.keep:
+            # (imports set variables in os.environ: the plain key is taken as late as this)
+            plain = self._launch_key(["--sleep-on-idle"], _pool_env(None))[0]
         while len(self.alive) >= self.keep:
-            least = min(self.alive, key=lambda k: self.uses[k])  # the first such: LRU
+            # the least used (the first such: LRU), the plain server last of all
+            least = min(self.alive, key=lambda k: (k == plain, self.uses[k]))
             self.alive.pop(least).kill()
         name = "-".join(a.strip("-").replace(":", "") for a in args)[:60] or "default"
         server = ServerProcess(args, cmd=cmd, env=env,

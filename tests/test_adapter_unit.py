@@ -90,6 +90,53 @@ def test_fault_spec():
     assert set(FAULT_POINTS) >= {"decide", "split", "observe", "stats"}
     with pytest.raises(ValueError, match="nowhere"):
         _parse_fault("nowhere")
+    assert _parse_fault("later") == (None, 0)
+    for bad in ("decide@0", "decide@x", "decide@-1"):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            _parse_fault(bad)
+
+
+def _runtime(fault: str | None, **args):
+    from types import SimpleNamespace
+
+    from sglang_taper.adapter.runtime import SchedulerRuntime
+
+    sched = SimpleNamespace(server_args=SimpleNamespace(**args), tp_size=1,
+                            spec_algorithm=SimpleNamespace(is_none=lambda: True))
+    return SchedulerRuntime(sched, TaperConfig(policy="off"), fault)
+
+
+def test_run_time_faults_need_the_launch_variable_and_a_rearm_spends_them():
+    """POST /taper/fault and /taper/rearm's scheduler side (SchedulerRuntime.inject,
+    .rearm): refused on a server launched without TAPER_INJECT_FAULT; injected,
+    they raise from the N-th call counted from now; a re-arm clears the degraded
+    state with a fresh controller and spends the fault."""
+    from sglang_taper.adapter.runtime import InjectedFault
+
+    with pytest.raises(ValueError, match="TAPER_INJECT_FAULT=later"):
+        _runtime(None).inject("decide")
+    rt = _runtime("later")
+    rt._inject("decide")  # none at launch
+    for bad in ("nowhere", "later", "decide@0"):
+        with pytest.raises(ValueError, match="fault"):
+            rt.inject(bad)
+    rt.inject("decide@2")
+    rt._inject("decide")
+    with pytest.raises(InjectedFault, match="call 2"):
+        rt._inject("decide")
+    assert rt.rearm() is False  # not degraded: nothing to re-arm
+    before = rt.controller
+    rt.degrade("decide", RuntimeError("boom"))
+    assert rt.stats.degraded and rt.disabled.startswith("degraded")
+    assert rt.rearm() is True
+    assert rt.stats.degraded is None and rt.disabled is None and rt.stats.faults == 1
+    assert rt.controller is not before
+    rt._inject("decide")  # spent
+    # off for a reason a re-arm cannot mend: refused, still off
+    off = _runtime("later", enable_pdmux=True)
+    with pytest.raises(ValueError, match="another reason"):
+        off.rearm()
+    assert "pdmux" in off.disabled
 
 
 def _branches_and_budget(queued: PrefillView | None, now: float = 1.0):

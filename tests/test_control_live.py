@@ -224,3 +224,34 @@ def test_stats_reset_restarts_the_counters_and_keeps_the_fit(srv):
     # counted from zero: exactly the steps since the reset, as the metric saw them
     assert again["steps"] == _metric(srv.url, "taper_decode_steps_total") - steps_metric > 0
     assert again["held_branch_steps"] > 0
+
+
+def _taper_metrics(url: str) -> tuple[dict[str, float], list[str]]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    return ({x.split(" ")[0]: float(x.split(" ")[1]) for x in lines
+             if x.startswith("taper_") and " " in x}, lines)
+
+
+def test_prometheus_metrics_beside_sglangs(server_pool):
+    """The taper_* counters beside SGLang's own, moving with /taper/stats' figures
+    (on this shared server both are read as differences: the pool restarts
+    /taper/stats' counters, never Prometheus')."""
+    from programs.fork_demo import fork_demo
+    from sglang_taper import TaperEndpoint
+
+    srv = server_pool.get(["--taper-policy", "cap:2", "--taper-max-hold-steps", "16",
+                           "--enable-metrics", "--admin-api-key", ADMIN], env=STRICT)
+    m0, _ = _taper_metrics(srv.url)
+    s0 = get_json(srv.url + "/taper/stats")
+    fork_demo.run(question="metrics", width=4, branch_tokens=12,
+                  backend=TaperEndpoint(srv.url))
+    wait_idle(srv.url)
+    m1, lines = _taper_metrics(srv.url)
+    s1 = get_json(srv.url + "/taper/stats")
+    held = m1["taper_held_branch_steps_total"] - m0.get("taper_held_branch_steps_total", 0.0)
+    assert held > 0
+    assert m1["taper_regulated_steps_total"] > m0.get("taper_regulated_steps_total", 0.0)
+    assert "taper_measured_step_seconds" in m1 and "taper_group_width_count" in m1
+    assert any(line.startswith("sglang:") for line in lines)  # SGLang's own
+    assert s1["held_branch_steps"] - s0["held_branch_steps"] == held
