@@ -28,12 +28,14 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
-    """SIGTERM the process group `proc` leads; SIGKILL it after `timeout` seconds."""
+def stop_group(proc: subprocess.Popen | None, timeout: float,
+               first: signal.Signals = signal.SIGTERM) -> None:
+    """Send `first` (SIGTERM) to the process group `proc` leads; SIGKILL it after
+    `timeout` seconds."""
     if proc is None or proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, first)
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -125,13 +127,7 @@ class ServerProcess:
         """SIGKILL the whole process group at once: for a server whose work is
         over and checked (the test suite's), where the drain buys nothing.
         SGLang leaves the same /dev/shm and /tmp files as after stop()."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        stop_group(self.proc, 10.0, first=signal.SIGKILL)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -49,7 +49,7 @@ def _stats(url: str) -> dict:
     return get_json(url + "/taper/stats")
 
 
-_FAULTED: list = []  # servers a fault was injected into: re-armed when the module ends
+_FAULTED: set = set()  # servers a fault was injected into: re-armed when the module ends
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,7 +66,7 @@ def _faulty(server_pool):
     """The pool's plain server (it allows run-time faults), re-armed after the
     last fault, its counters from zero."""
     srv = server_pool.get(["--taper-policy", "off"], env=STRICT)
-    _FAULTED.append(srv)
+    _FAULTED.add(srv)
     post_json(srv.url + "/taper/rearm", {})
     post_json(srv.url + "/taper/stats/reset", {})
     stats = _stats(srv.url)
