@@ -189,7 +189,14 @@ def test_gpu_choices_come_from_the_profiles(tmp_path):
     assert sorted(found) == ["b200", "h100-qwen3-32b", "h100-qwen3-8b"]
     assert found["b200"] == (tmp_path / "c.json", "qwen3-8b, measured")
     shipped = costs.gpu_profiles()
-    assert "h200" in shipped and "extrapolated" in shipped["h200"][1]
+    assert shipped["h200"][0].name == "h200_qwen3_32b_full.json"
+    assert "all 64 layers" in shipped["h200"][1]
+    assert "extrapolated" in shipped["h200-extrapolated"][1]
+    # an extrapolated table beside a measured one of the same GPU and model
+    (tmp_path / "d.json").write_text(json.dumps({**table, "gpu": "NVIDIA B200",
+                                                 "label": "extrapolated: 4 layers x 16"}))
+    found = costs.gpu_profiles(tmp_path)
+    assert found["b200"][0].name == "c.json" and found["b200-extrapolated"][0].name == "d.json"
 
 
 def test_taper_sim_gpu_flag(tmp_path, capsys):
@@ -201,7 +208,8 @@ def test_taper_sim_gpu_flag(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert cli.main(args + ["--gpu", "h200"]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["cost_model"]["name"] == "measured:h200_qwen3_32b_decode.json"
+    assert result["cost_model"]["name"] == "measured:h200_qwen3_32b_full.json"
+    assert result["cost_model"]["prefill_model"] == "measured cells"
     assert plan.main(["--rate", "0", "--gpu", "h200"]) == 2
 
 

@@ -23,7 +23,7 @@ from bench.sweep import SweepSpec, aggregate, same_as_eager, sweep_one
 from bench.workload import at_rate, save_jsonl
 
 DEFAULT_SIM_POLICIES = "off,eager,cap:2,cap:4,cap:8,cap:16,taper,clairvoyant"
-DEFAULT_COST = "measured:bench/sim/profiles/h200_qwen3_32b_decode.json"
+DEFAULT_COST = "measured:bench/sim/profiles/h200_qwen3_32b_full.json"
 
 
 def _setup(ns, seed: int) -> dict:
@@ -137,12 +137,16 @@ def resolve_cost_model(ns) -> None:
 
 
 def default_kv_capacity(ns) -> None:
-    """--kv-capacity when not given: 65536 tokens for a linear (CPU) model, else 400000."""
+    """--kv-capacity when not given: what a measured GPU profile says the card
+    held beside the weights (kv_capacity_tokens), else 65536 tokens for a
+    linear (CPU) model and 400000 for another."""
     if ns.kv_capacity is None:
         from bench.sim import cost as costs
 
-        linear = costs.load(ns.cost_model).name.startswith("linear")
-        ns.kv_capacity = 65536 if linear else 400_000
+        model = costs.load(ns.cost_model)
+        measured = getattr(model, "kv_capacity", None)
+        ns.kv_capacity = int(measured) if measured else \
+            65536 if model.name.startswith("linear") else 400_000
 
 
 def run_sim(ns, calibration: dict | None = None) -> dict:
@@ -218,7 +222,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    "cost model (instead of --cost-model): " + "; ".join(
                        f"{name}: {what}" for name, (_, what) in sorted(gpus.items())))
     p.add_argument("--kv-capacity", type=int, default=None,
-                   help="KV tokens (default: 65536 for linear models, else 400000)")
+                   help="KV tokens (default: a measured GPU profile's kv_capacity_tokens, what the "
+                   "card held beside the weights; else 65536 for linear models, 400000 for "
+                   "others)")
     p.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="TaperConfig settings of the simulated controller (as taper serve's "
                    "--taper-* flags), e.g. prefill_gate=off margin=0.2")

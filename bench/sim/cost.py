@@ -41,6 +41,16 @@ class CostModel:
     def prefill(self, tokens: int, reqs: int) -> float:
         raise NotImplementedError
 
+    def sharing(self) -> tuple[float, float, object | None]:
+        """How branch groups' shared prefixes cost, where a profile measured it:
+        (reread, two_level_s, gate). `reread`: the cost of a branch reading its
+        group's prefix in plain attention, relative to a read of its own (1: no
+        cache reuse); `two_level_s`: seconds a step per prefix token a branch
+        reads through the two-level path (its queries against the shared prefix,
+        compute the bytes model leaves out); `gate`: a CascadeGate, which groups
+        take the two-level path (None: every group)."""
+        return 1.0, 0.0, None
+
     def describe(self) -> dict:
         return {"name": self.name}
 
@@ -182,26 +192,88 @@ def interp(x: float, xp: Sequence[float], fp: Sequence[float]) -> float:
     return float(y)
 
 
+def fill_rows(table: list[list[float | None]]) -> list[list[float]]:
+    """A decode table with cells left unmeasured (null: more KV than the card
+    holds) filled per batch row, linearly in context from the row's last two
+    measured cells (a step's attention reads grow linearly with context)."""
+    out = []
+    for i, row in enumerate(table):
+        have = [j for j, x in enumerate(row) if x is not None]
+        if not have or have != list(range(len(have))):
+            raise ValueError(f"decode_s row {i}: measured cells must come first, got {row}")
+        row = [float(x) for x in row[:len(have)]]
+        if len(have) < len(table[i]) and len(have) < 2:
+            raise ValueError(f"decode_s row {i}: two measured cells needed to extend it")
+        out.append(row)
+    return out
+
+
+class PrefillTable:
+    """Prefill steps timed on a GPU: cells of `reqs` prompts of `tokens` tokens.
+    T(total, reqs) = base(total) + c * total^2 / reqs: the attention term c
+    (causal attention over each prompt, sum of squares = total^2 / reqs for
+    equal prompts) is the pooled within-total regression over cells of equal
+    total and different reqs; base is piecewise linear in total over the
+    measured totals, linear beyond the last two."""
+
+    def __init__(self, cells: list[dict]) -> None:
+        t = np.array([c["reqs"] * c["tokens"] for c in cells], dtype=float)
+        x = np.array([c["reqs"] * c["tokens"] ** 2 for c in cells], dtype=float)
+        y = np.array([c["prefill_s"] for c in cells], dtype=float)
+        num = den = 0.0
+        for total in np.unique(t):
+            k = t == total
+            if k.sum() > 1:
+                dx = x[k] - x[k].mean()
+                num += float(dx @ (y[k] - y[k].mean()))
+                den += float(dx @ dx)
+        self.c = max(num / den, 0.0) if den > 0 else 0.0
+        self.totals = sorted(set(t.tolist()))
+        if len(self.totals) < 2:
+            raise ValueError("prefill cells: two distinct token totals needed")
+        self.base = [float(np.mean(y[t == v] - self.c * x[t == v])) for v in self.totals]
+
+    def __call__(self, tokens: float, reqs: int) -> float:
+        tot, base = self.totals, self.base
+        if tokens <= tot[-1]:
+            b = interp(tokens, tot, base)
+        else:
+            b = base[-1] + (base[-1] - base[-2]) / (tot[-1] - tot[-2]) * (tokens - tot[-1])
+        return b + self.c * tokens * tokens / max(1, reqs)
+
+
 class MeasuredCost(CostModel):
     """A table of decode steps timed on a GPU over (batch, context length),
-    bilinear in batch and context, with prefill from the analytic model of the
-    same GPU. A table's `label` says how it was measured (the H200 one in
-    profiles/ is extrapolated from 4 of the model's 64 layers)."""
+    bilinear in batch and context; prefill from the table's measured prefill
+    cells where it has them (`PrefillTable`), else from the analytic model of
+    the same GPU. A table's `label` says how it was measured (profiles/ holds
+    the H200 measured on all 64 of Qwen3-32B's layers, and the earlier table
+    extrapolated from 4 of them)."""
 
-    def __init__(self, path: str | Path) -> None:
-        data = json.loads(Path(path).read_text())
+    def __init__(self, path: str | Path, data: dict | None = None) -> None:
+        data = json.loads(Path(path).read_text()) if data is None else data
         self.name = f"measured:{Path(path).name}"
         self.batches = np.asarray(data["batches"], dtype=float)
         self.contexts = np.asarray(data["contexts"], dtype=float)
-        self.table = np.asarray(data["decode_s"], dtype=float)  # [batch, context]
+        rows = fill_rows(data["decode_s"])
+        # [batch, context]; cells not measured are NaN here (filled in _rows)
+        self.table = np.array([r + [math.nan] * (len(self.contexts) - len(r)) for r in rows])
+        self.kv_capacity = data.get("kv_capacity_tokens")
         # The same numbers as Python floats: one step's lookup is a few scalar
         # interpolations, which np.interp's call overhead would dominate.
         self._b, self._c = self.batches.tolist(), self.contexts.tolist()
-        self._rows = self.table.tolist()
-        self.meta = {k: v for k, v in data.items() if k != "decode_s"}
+        self._rows = rows  # each row as measured; _at_context extends a short one
+        self.meta = {k: v for k, v in data.items()
+                     if k not in ("decode_s", "cascade", "cascade_steps", "prefill")}
         gpu = str(data.get("gpu", "h200")).lower()
         gpu = next((g for g in GPUS if g in gpu), "h200")  # "NVIDIA H200" -> "h200"
-        self._prefill = AnalyticCost(data.get("model", "qwen3-32b"), gpu)
+        cells = (data.get("prefill") or {}).get("cells")
+        self._prefill = PrefillTable(cells) if cells else \
+            AnalyticCost(data.get("model", "qwen3-32b"), gpu).prefill
+        self.meta["prefill_model"] = "measured cells" if cells else f"analytic {gpu}"
+        self._sharing = (float(data.get("shared_reread", 1.0)),
+                         float(data.get("two_level_s_per_token", 0.0)),
+                         _gate(data["cascade"]) if data.get("cascade") else None)
 
     def decode(self, n, kv, shared_unique=0.0, cascade=False):
         ctx = (kv + (shared_unique if cascade else 0.0)) / max(1, n)
@@ -216,16 +288,26 @@ class MeasuredCost(CostModel):
         return r1 + (r1 - r0) / (b[-1] - b[-2]) * (n - b[-1])
 
     def _at_context(self, i: int, ctx: float) -> float:
-        c, row = self._c, self._rows[i]
+        row = self._rows[i]
+        c = self._c if len(row) == len(self._c) else self._c[:len(row)]
         if ctx <= c[-1]:
             return interp(ctx, c, row)
         return row[-1] + (row[-1] - row[-2]) / (c[-1] - c[-2]) * (ctx - c[-1])
 
     def prefill(self, tokens, reqs):
-        return self._prefill.prefill(tokens, reqs)
+        return self._prefill(tokens, reqs)
+
+    def sharing(self):
+        return self._sharing
 
     def describe(self):
         return {"name": self.name, **self.meta}
+
+
+def _gate(section: dict):
+    from controller.cascade_gate import CascadeGate
+
+    return CascadeGate.from_dict(section)
 
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -235,8 +317,9 @@ def gpu_profiles(folder: Path = PROFILES) -> dict[str, tuple[Path, str]]:
     """The GPUs `taper sim --gpu` offers: every measured decode table in
     `folder` that names its GPU, by the GPU's short name ("NVIDIA H200" ->
     "h200", "NVIDIA H100 80GB HBM3" -> "h100"; "h200-qwen3-32b" when two
-    tables share a GPU), with the table's path and what it is (model, and its
-    label: how it was measured)."""
+    measured tables share a GPU; a table whose label says it is extrapolated
+    is "h200-extrapolated" beside a measured one), with the table's path and
+    what it is (model, and its label: how it was measured)."""
     found: dict[str, list[tuple[Path, dict]]] = {}
     for path in sorted(folder.glob("*.json")):
         try:
@@ -251,6 +334,13 @@ def gpu_profiles(folder: Path = PROFILES) -> dict[str, tuple[Path, str]]:
         found.setdefault(short, []).append((path, data))
     out = {}
     for short, tables in found.items():
+        extrapolated = [t for t in tables
+                        if str(t[1].get("label", "")).startswith("extrapolated")]
+        if len(extrapolated) == 1 and len(tables) > 1:
+            path, data = extrapolated[0]
+            out[f"{short}-extrapolated"] = (path, f"{data.get('model', path.stem)}, "
+                                                  f"{data.get('label')}")
+            tables = [t for t in tables if t is not extrapolated[0]]
         models = [str(data.get("model", path.stem)) for path, data in tables]
         for (path, data), model in zip(tables, models):
             name = (short if len(tables) == 1 else f"{short}-{model}"

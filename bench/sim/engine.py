@@ -216,6 +216,8 @@ class Engine:
         # Only with cascade attention does a step's cost read the groups' shared
         # prefixes (the cost models ignore `shared_unique` otherwise).
         self._cascade = bool(getattr(controller.config, "cascade", False))
+        self._reread, self._two_level_s, self._gate = cost.sharing()
+        self._plain_sharing = self._reread != 1.0  # plain attention's prefix reads are cheaper
         self.kv_used = 0
         self.steps = {"prefill": 0, "decode": 0}
         self.branch_steps = 0
@@ -312,6 +314,28 @@ class Engine:
                              spec.ttft_slo, spec.tpot_slo,
                              r.arrival_group if grouped else r.start, t)
 
+    def _shared_reads(self, g, shared, in_group, kv: float):
+        """(shared_unique, kv, extra seconds, two-level?) of a step whose branch
+        groups share prefixes: groups the gate passes (every group without one)
+        read their prefix once, plus the cost model's two-level compute per
+        prefix token a branch reads; the others read it per branch in plain
+        attention, re-reads at the cost model's `reread` of a fresh read."""
+        shared = shared[in_group]
+        _, first, inverse, width = np.unique(g[in_group], return_index=True,
+                                             return_inverse=True, return_counts=True)
+        prefix = shared[first]
+        if self._cascade:
+            two = np.ones(len(first), bool) if self._gate is None else \
+                self._gate.pays_many(width, prefix)
+        else:
+            two = np.zeros(len(first), bool)
+        reads = np.bincount(inverse, weights=shared)  # prefix tokens its branches read
+        plain_rereads = float((reads - prefix)[~two].sum())
+        two_reads = float(reads[two].sum())
+        kv_eff = kv - two_reads - (1.0 - self._reread) * plain_rereads
+        return (float(prefix[two].sum()), kv_eff, self._two_level_s * two_reads,
+                bool(two.any()))
+
     def _release(self, r: _Req) -> None:
         self.kv_used -= r.new_tokens + r.max_new
 
@@ -321,14 +345,13 @@ class Engine:
         g = view.group[keep]
         in_group = g >= 0
         kv = float(view.kv_len[keep].sum())
-        uniq, kv_eff = 0.0, kv
-        if self._cascade:
-            shared = view.shared_len[keep]
-            if in_group.any():
-                _, first = np.unique(g[in_group], return_index=True)
-                uniq = float(shared[in_group][first].sum())
-            kv_eff = kv - float(shared[in_group].sum())
-        dt = self.cost.decode(len(keep), kv_eff, uniq, self._cascade)
+        uniq, kv_eff, extra, two_level = 0.0, kv, 0.0, self._cascade
+        if (self._cascade or self._plain_sharing) and in_group.any():
+            uniq, kv_eff, extra, two_level = self._shared_reads(g, view.shared_len[keep],
+                                                                in_group, kv)
+        elif self._cascade:
+            kv_eff = kv - float(view.shared_len[keep][in_group].sum())
+        dt = self.cost.decode(len(keep), kv_eff, uniq, two_level) + extra
         if self.cost.step_noise:
             dt *= max(0.2, 1.0 + self.cost.step_noise * self.rng.standard_normal())
         start = self.t + self.gap

@@ -160,7 +160,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cost-model",
-                   default="measured:bench/sim/profiles/h200_qwen3_32b_decode.json")
+                   default="measured:bench/sim/profiles/h200_qwen3_32b_full.json")
     p.add_argument("--workload", default="long-context")
     p.add_argument("--grid", choices=("axes", "full"), default="full",
                    help="full: all 144 cells; axes: the centre and each axis alone (11)")
