@@ -71,13 +71,15 @@ def _change_config(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(server_pool):
-    out = {}
+def runs(server_pool, tmp_path_factory):
+    out = {"trace": tmp_path_factory.mktemp("trace") / "steps.csv"}
     for dp in (1, 2):
         # two schedulers load the model side by side: a slower start
-        # one rank is SGLang's default: the pool's plain `off` server, if kept
+        # one rank is SGLang's default: the pool's plain `off` server, if kept;
+        # the two-rank one writes a step trace per rank (TAPER_STEP_TRACE)
+        env = STRICT if dp == 1 else {**STRICT, "TAPER_STEP_TRACE": str(out["trace"])}
         srv = server_pool.get(["--taper-policy", "off", *(["--dp-size", "2"] if dp == 2 else [])],
-                              env=STRICT, start_timeout=180.0 * dp)
+                              env=env, start_timeout=180.0 * dp)
         wait_idle(srv.url, timeout=60)
         before = get_json(srv.url + "/taper/stats?groups=1")
         outputs = _workload(srv.url)
@@ -144,6 +146,22 @@ def test_aggregate_is_the_sum_of_ranks(runs):
     one = runs[1]["after"]["requests_attached"] - runs[1]["before"]["requests_attached"]
     two = after["requests_attached"] - runs[2]["before"]["requests_attached"]
     assert one == two
+
+
+def test_each_rank_traces_its_steps(runs):
+    """TAPER_STEP_TRACE: every decode step a rank counted is a line of its trace
+    (rank 1 writes PATH.tp0.dp1), and its prefills are there too."""
+    from bench.sim.steptrace import Trace
+
+    for r in _ranks(runs[2]["after"]):
+        path = runs["trace"] if r["dp_rank"] == 0 else \
+            runs["trace"].with_name(runs["trace"].name + ".tp0.dp1")
+        tr = Trace.read(path)
+        decode = tr.kind == "d"
+        assert decode.sum() == r["steps"], (r["dp_rank"], decode.sum(), r["steps"])
+        assert (~decode).sum() > 0 and tr.size[~decode].sum() > 0  # prefills, new tokens
+        assert (tr.end >= tr.launch).all() and (tr.size[decode] >= 1).all()
+        assert (tr.count[decode] >= tr.size[decode]).all()  # KV: at least a token each
 
 
 def test_kv_back_at_idle(runs):

@@ -225,6 +225,7 @@ class Engine:
         self.deferred_prefills = 0  # passes where the controller chose decode over prefill
         self._gated = controller.gates_prefill
         self.decode_time = 0.0
+        self.prefill_time = 0.0
 
     def _finish(self, r: _Req, t: float, token_times: list[float]) -> None:
         raise NotImplementedError
@@ -295,6 +296,7 @@ class Engine:
         self.ctl.observe_prefill(tokens, t_prefill)
         self.t += t_prefill + self.gap
         self.steps["prefill"] += 1
+        self.prefill_time += t_prefill
         t = self.t
         for r in batch:
             self.kv_used += r.new_tokens + r.max_new

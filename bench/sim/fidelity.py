@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -73,11 +75,22 @@ def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
     case_dir.mkdir(parents=True, exist_ok=True)
     ns = case_ns(name, policy, seed, out)
     bench = bench_cli.LiveBench(ns)
-    with bench.server(policy) as srv:
-        bench.calibrated(srv)
-        cap = bench.result["capacity_programs_per_s"][seed]
-        rate = options.parse_rate(load).resolve(cap)
-        live = bench.probe(srv, seed, rate)
+    from sglang_taper.adapter.runtime import ENV_TRACE
+
+    trace_path = case_dir / "steps.csv"
+    trace_path.unlink(missing_ok=True)
+    os.environ[ENV_TRACE] = str(trace_path.resolve())  # the server inherits it
+    try:
+        with bench.server(policy) as srv:
+            bench.calibrated(srv)
+            cap = bench.result["capacity_programs_per_s"][seed]
+            rate = options.parse_rate(load).resolve(cap)
+            server_pid = srv.proc.proc.pid
+            t0, cpu0, srv0 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
+            live = bench.probe(srv, seed, rate)
+            t1, cpu1, srv1 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
+    finally:
+        os.environ.pop(ENV_TRACE, None)
     fit_path = case_dir / "live_cost_model.json"
     fit_path.write_text(json.dumps(bench.calibration["fit"], indent=1))
     sim_ns = argparse.Namespace(**{
@@ -87,11 +100,74 @@ def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
         "replicas": 1})
     sim = run_sim(sim_ns, calibration=bench_cli.sim_calibration(bench.calibration))
     sim_run = sim["runs"][0]
+    from bench.sim import cost as costs
+    from bench.sim.steptrace import Trace, parts
+
+    fit = costs.load(f"linear:{fit_path}")
+    made_of = parts(Trace.read(trace_path, t0, t1), fit, t1 - t0)
+    made_of["client_cpu_share"] = (cpu1 - cpu0) / (t1 - t0)  # of one core
+    made_of["server_cpu_share"] = None if srv0 is None or srv1 is None else \
+        (srv1 - srv0) / (t1 - t0)
     return {"case": name, "flags": flags, "load": load, "rate": rate, "policy": policy,
             "seed": seed, "calibration": bench.result["calibration"], "slo": bench.result["slo"],
             "rows": compare(live["summary"], sim_run["summary"]),
             "live": live["summary"], "sim": sim_run["summary"],
-            "live_server": live["server"], "sim_server": sim_run["server"]}
+            "live_server": live["server"], "sim_server": sim_run["server"],
+            "live_steps": made_of, "sim_gap_s": fit.gap}
+
+
+def _cpu_self() -> float:
+    """CPU seconds of this process (the client), every thread."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_tree(pid: int) -> float | None:
+    """CPU seconds of a process and its descendants (the server), or None."""
+    try:
+        import psutil
+
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+    except Exception:  # psutil missing or a process gone: no figure, not a failed run
+        return None
+
+
+def makeup(c: dict) -> list[str]:
+    """A case's time per token taken apart, live (the server's step trace)
+    against the simulator's run of the same programs."""
+    st, sim = c.get("live_steps"), c["sim_server"]
+    if not st:
+        return []
+    ms = lambda x: "-" if x is None else f"{1e3 * x:.2f}"  # noqa: E731
+    sim_steps = sim.get("decode_steps") or 0
+    sim_step = sim["decode_time_s"] / sim_steps if sim_steps else None
+    gap = c.get("sim_gap_s", 0.0)
+    sim_cycle = None if not sim_steps else \
+        (sim["decode_time_s"] + sim.get("prefill_time_s", 0.0)
+         + gap * (sim_steps + sim.get("prefill_steps", 0))) / sim_steps
+    ratio = st["decode_measured_over_model"]
+    share = st.get("server_cpu_share")
+    return [
+        "| part | live | sim |", "|---|---|---|",
+        f"| decode steps | {st['decode_steps']} | {sim_steps} |",
+        f"| prefill steps | {st['prefill_steps']} | {sim.get('prefill_steps', '-')} |",
+        f"| decode step, mean (ms) | {ms(st['decode_step_s'].get('mean'))} | {ms(sim_step)} |",
+        f"| the model at the live steps' (seqs, KV), mean (ms) | "
+        f"{ms(st['model_decode_s'].get('mean'))} | |",
+        f"| live step / model, p50 and p90 | {ratio.get('p50', 0):.2f}, "
+        f"{ratio.get('p90', 0):.2f} | |",
+        f"| decode cycle (launch to next launch), mean (ms) | "
+        f"{ms(st['decode_cycle_s'].get('mean'))} | {ms(sim_cycle)} |",
+        f"| scheduler gap between steps, p50 (ms) | {ms(st['gap_s'].get('p50'))} | "
+        f"{ms(gap)} |",
+        f"| prefill, total (s) | {st['prefill_s']:.2f} (model at these: "
+        f"{st['model_prefill_s']:.2f}) | {sim.get('prefill_time_s', 0.0):.2f} |",
+        f"| mean batch (seqs), KV tokens | {st['mean_batch']:.1f}, {st['mean_kv']:.0f} | |",
+        f"| client CPU, share of one core | {st['client_cpu_share']:.2f} | |",
+        f"| server CPU, share of one core | "
+        f"{'-' if share is None else f'{share:.2f}'} | |", ""]
 
 
 def markdown(result: dict) -> str:
@@ -107,6 +183,7 @@ def markdown(result: dict) -> str:
             rel = "-" if r["rel_diff"] is None else f"{100 * r['rel_diff']:+.1f}%"
             lines.append(f"| {r['figure']} | {r['live']:.4g} | {r['sim']:.4g} | {rel} |")
         lines.append("")
+        lines += makeup(c)
     within = [abs(r["rel_diff"]) <= TARGET for c in result["cases"] for r in c["rows"]
               if r["rel_diff"] is not None]
     lines.append(f"{sum(within)} of {len(within)} figures within {100 * TARGET:.0f}%.")

@@ -61,4 +61,5 @@ def server_figures(engines: list[Engine], end: float) -> dict:
             "held_branch_steps": sum(e.held_steps for e in engines), "decode_steps": decode,
             "prefill_steps": sum(e.steps["prefill"] for e in engines),
             "deferred_prefills": sum(e.deferred_prefills for e in engines),
-            "decode_time_s": sum(e.decode_time for e in engines), "sim_end_s": end}
+            "decode_time_s": sum(e.decode_time for e in engines),
+            "prefill_time_s": sum(e.prefill_time for e in engines), "sim_end_s": end}

@@ -16,6 +16,7 @@ a fresh controller, as at launch, without restarting the server.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -96,6 +97,7 @@ class SchedulerRuntime:
         self._calls: dict[str, int] = {}
         self.scheduler = scheduler
         self.tp_size = scheduler.tp_size
+        self._trace = _open_trace(os.environ.get(ENV_TRACE), scheduler)
         self.disabled = surgery.unsupported(scheduler)
         if self.disabled:
             logger.warning("TAPER regulation is off in this scheduler: %s", self.disabled)
@@ -474,6 +476,10 @@ class SchedulerRuntime:
         decision, view, keep = entry
         step_time = now - batch.launch_ts
         self.decode_seconds += step_time
+        if self._trace is not None:
+            n, kv = (entry[1], entry[2]) if decision is None else \
+                (len(keep), int(view.kv_len[keep].sum()))
+            self._trace_line(f"d,{batch.launch_ts:.6f},{now:.6f},{n},{kv}\n")
         disturbed = batch.launch_ts <= self._disturbed_before
         self._inject("observe")
         if decision is None:  # a step without branches: learn from it, count it, nothing more
@@ -497,6 +503,13 @@ class SchedulerRuntime:
             self._last_log = now
             logger.info(self.stats.summary())
 
+    def _trace_line(self, line: str) -> None:
+        try:
+            self._trace.write(line)
+        except (OSError, ValueError) as e:  # a full disk ends the trace, not regulation
+            logger.warning("%s: writing failed (%s); step trace stopped", ENV_TRACE, e)
+            self._trace = None
+
     def _on_prefill(self, batch, now: float) -> None:
         for r in batch.reqs:
             m = getattr(r, "_taper", None)
@@ -504,6 +517,9 @@ class SchedulerRuntime:
                 m.stamp_first_token(r, now)
         if batch.launch_ts is not None and batch.extend_num_tokens:
             self.prefill_seconds += now - batch.launch_ts
+            if self._trace is not None:
+                self._trace_line(f"p,{batch.launch_ts:.6f},{now:.6f},"
+                                 f"{int(batch.extend_num_tokens)},{len(batch.reqs)}\n")
             self.controller.observe_prefill(int(batch.extend_num_tokens), now - batch.launch_ts,
                                             batch.launch_ts <= self._disturbed_before)
 
@@ -629,6 +645,33 @@ def _names_group(req) -> bool:
     custom = req.sampling_params.custom_params
     return (isinstance(custom, dict) and "taper_group" in custom
             and req.sampling_params.max_new_tokens != 0)
+
+
+ENV_TRACE = "TAPER_STEP_TRACE"  # PATH: every step's kind, launch, end and size, as CSV
+
+
+def _open_trace(path: str | None, scheduler):
+    """The step trace's file (TAPER_STEP_TRACE=PATH), line-buffered so a killed
+    server leaves whole lines; a rank other than the first writes PATH.tpT.dpD.
+    Lines: `d,launch,end,seqs,kv_tokens` for a decode step, `p,launch,end,
+    new_tokens,requests` for a prefill step (scheduler monotonic seconds). A path
+    that cannot be opened is logged and traces nothing."""
+    if not path:
+        return None
+    tp = getattr(scheduler, "tp_rank", 0) or 0
+    try:
+        dp = _dp_rank() or 0
+    except Exception:  # no parallel context (a unit test's stand-in scheduler)
+        dp = getattr(scheduler, "dp_rank", 0) or 0
+    if tp or dp:
+        path = f"{path}.tp{tp}.dp{dp}"
+    try:
+        f = open(path, "a", buffering=1)  # noqa: SIM115 (open for the server's life)
+    except OSError as e:
+        logger.warning("%s=%s: cannot write it (%s); no step trace", ENV_TRACE, path, e)
+        return None
+    f.write("kind,launch,end,size,count\n")
+    return f
 
 
 def _dp_rank() -> int | None:
