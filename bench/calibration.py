@@ -41,7 +41,7 @@ def from_cost(cost, context: int) -> dict:
     gap = getattr(cost, "gap", 0.0)
     step = cost.decode(REF_BATCH, REF_BATCH * context) + gap
     return {"source": cost.name, "context": context,
-            "ttft_s": cost.prefill(context, 1) + gap,
+            "ttft_s": cost.prefill(context, 1, context) + gap,
             "tpot_s": cost.decode(1, context) + gap,
             "tokens_per_s": REF_BATCH / step, "batch": REF_BATCH}
 
@@ -53,7 +53,7 @@ def isolated_at(calibration: dict, cost=None):
     TTFT a + e + f*ctx, through the two contexts it measured)."""
     if cost is not None:
         gap = getattr(cost, "gap", 0.0)
-        return lambda ctx: (cost.prefill(ctx, 1) + gap, cost.decode(1, ctx) + gap)
+        return lambda ctx: (cost.prefill(ctx, 1, ctx) + gap, cost.decode(1, ctx) + gap)
     f = calibration.get("fit")
     if f is None:
         raise ValueError("SLOs per context need a step-time fit; this calibration has none")

@@ -5,7 +5,9 @@ Every model answers two questions, in seconds:
         attending kv KV tokens in all (with cascade attention, groups'
         shared prefixes counted once: `shared_unique` is then what the
         cascade reads once per group instead)
-    prefill(tokens, reqs)  one prefill step of `reqs` requests, `tokens` new tokens
+    prefill(tokens, reqs, context)  one prefill step of `reqs` requests,
+        `tokens` new tokens, `context` tokens of those requests' whole prompts
+        (cached prefixes included; only a model fitted with a term for it uses it)
 
 Models:
 - `linear`: a fitted linear model, saved as JSON by `taper profile` (fitted
@@ -38,7 +40,7 @@ class CostModel:
                cascade: bool = False) -> float:
         raise NotImplementedError
 
-    def prefill(self, tokens: int, reqs: int) -> float:
+    def prefill(self, tokens: int, reqs: int, context: float = 0.0) -> float:
         raise NotImplementedError
 
     def sharing(self) -> tuple[float, float, object | None]:
@@ -58,7 +60,8 @@ class CostModel:
 @dataclass
 class LinearCost(CostModel):
     """T_decode = a + b*n + c*kv (+ d*shared_unique with cascade, kv then counting
-    private tokens only); T_prefill = e + f*tokens + g*reqs. Seconds."""
+    private tokens only); T_prefill = e + f*tokens + g*reqs + h*context (context:
+    the prefilled requests' whole prompts, cached prefixes included). Seconds."""
 
     a: float
     b: float
@@ -67,6 +70,7 @@ class LinearCost(CostModel):
     f: float
     g: float = 0.0
     d: float = 0.0
+    h: float = 0.0
     gap: float = 0.0  # seconds of scheduler time between steps
     noise: float = 0.0
     name: str = "linear"
@@ -77,11 +81,13 @@ class LinearCost(CostModel):
     def decode(self, n, kv, shared_unique=0.0, cascade=False):
         return self.a + self.b * n + self.c * kv + (self.d * shared_unique if cascade else 0.0)
 
-    def prefill(self, tokens, reqs):
+    def prefill(self, tokens, reqs, context=0.0):
+        if self.h:
+            return self.e + self.f * tokens + self.g * reqs + self.h * context
         return self.e + self.f * tokens + self.g * reqs
 
     def describe(self):
-        return {"name": self.name, **{k: getattr(self, k) for k in "abcdefg"},
+        return {"name": self.name, **{k: getattr(self, k) for k in "abcdefgh"},
                 "gap": self.gap, "noise": self.noise}
 
     @classmethod
@@ -91,6 +97,7 @@ class LinearCost(CostModel):
             raise ValueError(f"{path}: not a linear cost model (kind={data.get('kind')!r})")
         return cls(**{k: float(data[k]) for k in ("a", "b", "c", "e", "f")},
                    g=float(data.get("g", 0.0)), d=float(data.get("d", 0.0)),
+                   h=float(data.get("h", 0.0)),
                    gap=float(data.get("gap", 0.0)), noise=float(data.get("noise", 0.0)),
                    name=f"linear:{Path(path).name}")
 
@@ -159,7 +166,7 @@ class AnalyticCost(CostModel):
         return self.overhead + max(byts / (self.g["bw"] * BW_EFF),
                                    flops / (self.g["flops"] * FLOP_EFF))
 
-    def prefill(self, tokens, reqs):
+    def prefill(self, tokens, reqs, context=0.0):
         byts = self.weight_bytes
         flops = tokens * self.flops_per_token
         return self.overhead + max(byts / (self.g["bw"] * BW_EFF),
@@ -233,7 +240,7 @@ class PrefillTable:
             raise ValueError("prefill cells: two distinct token totals needed")
         self.base = [float(np.mean(y[t == v] - self.c * x[t == v])) for v in self.totals]
 
-    def __call__(self, tokens: float, reqs: int) -> float:
+    def __call__(self, tokens: float, reqs: int, context: float = 0.0) -> float:
         tot, base = self.totals, self.base
         if tokens <= tot[-1]:
             b = interp(tokens, tot, base)
@@ -294,7 +301,7 @@ class MeasuredCost(CostModel):
             return interp(ctx, c, row)
         return row[-1] + (row[-1] - row[-2]) / (c[-1] - c[-2]) * (ctx - c[-1])
 
-    def prefill(self, tokens, reqs):
+    def prefill(self, tokens, reqs, context=0.0):
         return self._prefill(tokens, reqs)
 
     def sharing(self):

@@ -292,7 +292,7 @@ class Engine:
     def _prefill(self, n: int, tokens: int) -> None:
         """One prefill step of the first `n` waiting requests, `tokens` tokens."""
         batch = [self.waiting.popleft() for _ in range(n)]
-        t_prefill = self.cost.prefill(tokens, len(batch))
+        t_prefill = self.cost.prefill(tokens, len(batch), sum(r.context for r in batch))
         self.ctl.observe_prefill(tokens, t_prefill)
         self.t += t_prefill + self.gap
         self.steps["prefill"] += 1

@@ -65,18 +65,28 @@ def case_ns(name: str, policy: str, seed: int, out: Path) -> argparse.Namespace:
     return ns
 
 
+# The cost models each case is simulated on: (key, what it is fitted to, where).
+MODELS = (
+    ("calibration", "the calibration's client-side TPOT (gap included)"),
+    ("trace_before", "the server's own steps before the run (warm-up and calibration, "
+                     "step trace), with their gap"),
+    ("trace_run", "the run's own steps (in-sample: tests the simulator's scheduling, not "
+                  "the cost model's transfer from calibration to run)"),
+)
+
+
 def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
+    """The live half of a case: a traced server, calibrated, the workload at the
+    case's load; then `simulate_case` on what it recorded."""
     from bench import cli as bench_cli
     from bench import options
-    from bench.sim.cli import run_sim
+    from sglang_taper.adapter.runtime import ENV_TRACE
 
     flags, load = CASES[name]
     case_dir = out / name
     case_dir.mkdir(parents=True, exist_ok=True)
     ns = case_ns(name, policy, seed, out)
     bench = bench_cli.LiveBench(ns)
-    from sglang_taper.adapter.runtime import ENV_TRACE
-
     trace_path = case_dir / "steps.csv"
     trace_path.unlink(missing_ok=True)
     os.environ[ENV_TRACE] = str(trace_path.resolve())  # the server inherits it
@@ -91,29 +101,57 @@ def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
             t1, cpu1, srv1 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
     finally:
         os.environ.pop(ENV_TRACE, None)
-    fit_path = case_dir / "live_cost_model.json"
-    fit_path.write_text(json.dumps(bench.calibration["fit"], indent=1))
-    sim_ns = argparse.Namespace(**{
-        **vars(ns), "cost_model": f"linear:{fit_path}", "sweep": None,
-        "request_rate": repr(rate), "policies": policy, "kv_capacity": 65536, "workers": 1,
-        "quiet": True, "save_trace": None, "seeds": [seed], "controller": [],
-        "replicas": 1})
-    sim = run_sim(sim_ns, calibration=bench_cli.sim_calibration(bench.calibration))
-    sim_run = sim["runs"][0]
-    from bench.sim import cost as costs
-    from bench.sim.steptrace import Trace, parts
+    case = {"case": name, "flags": flags, "load": load, "rate": rate, "policy": policy,
+            "seed": seed, "calibration": bench.result["calibration"],
+            "slo": bench.result["slo"], "live": live["summary"], "live_server": live["server"],
+            "window": [t0, t1], "client_cpu_share": (cpu1 - cpu0) / (t1 - t0),  # of one core
+            "server_cpu_share": None if srv0 is None or srv1 is None else
+            (srv1 - srv0) / (t1 - t0)}
+    return simulate_case(case, case_dir)
 
-    fit = costs.load(f"linear:{fit_path}")
-    made_of = parts(Trace.read(trace_path, t0, t1), fit, t1 - t0)
-    made_of["client_cpu_share"] = (cpu1 - cpu0) / (t1 - t0)  # of one core
-    made_of["server_cpu_share"] = None if srv0 is None or srv1 is None else \
-        (srv1 - srv0) / (t1 - t0)
-    return {"case": name, "flags": flags, "load": load, "rate": rate, "policy": policy,
-            "seed": seed, "calibration": bench.result["calibration"], "slo": bench.result["slo"],
-            "rows": compare(live["summary"], sim_run["summary"]),
-            "live": live["summary"], "sim": sim_run["summary"],
-            "live_server": live["server"], "sim_server": sim_run["server"],
-            "live_steps": made_of, "sim_gap_s": fit.gap}
+
+def simulate_case(case: dict, case_dir: Path) -> dict:
+    """The simulated half of a case from what its live run left (the case's
+    figures, its calibration and its step trace in `case_dir`): the same
+    programs at the same rate and SLOs on each cost model of MODELS, each
+    compared with live and with the trace taken apart against that model.
+    Fills case["models"] and case["rows"] (the calibration model's, as before)."""
+    from bench import cli as bench_cli
+    from bench.sim import cost as costs
+    from bench.sim.cli import run_sim
+    from bench.sim.steptrace import Trace, fit_linear, parts
+
+    name, (t0, t1) = case["case"], case["window"]
+    ns = case_ns(name, case["policy"], case["seed"], case_dir.parent)
+    trace_path = case_dir / "steps.csv"
+    paths = {"calibration": case_dir / "live_cost_model.json",
+             "trace_before": case_dir / "trace_cost_model.json",
+             "trace_run": case_dir / "run_cost_model.json"}
+    paths["calibration"].write_text(json.dumps(case["calibration"]["fit"], indent=1))
+    fit_linear(Trace.read(trace_path, -float("inf"), t0)).save(
+        paths["trace_before"], source="server step trace before the run (TAPER_STEP_TRACE)")
+    fit_linear(Trace.read(trace_path, t0, t1)).save(
+        paths["trace_run"], source="server step trace of the run itself (in-sample)")
+    run_trace = Trace.read(trace_path, t0, t1)
+    case["models"] = {}
+    for key, what in MODELS:
+        sim_ns = argparse.Namespace(**{
+            **vars(ns), "cost_model": f"linear:{paths[key]}", "sweep": None,
+            "request_rate": repr(case["rate"]), "policies": case["policy"],
+            "kv_capacity": 65536, "workers": 1, "quiet": True, "save_trace": None,
+            "seeds": [case["seed"]], "controller": [], "replicas": 1})
+        sim = run_sim(sim_ns, calibration=bench_cli.sim_calibration(case["calibration"]))
+        sim_run = sim["runs"][0]
+        model = costs.load(f"linear:{paths[key]}")
+        made_of = parts(run_trace, model, t1 - t0)
+        made_of["client_cpu_share"] = case.get("client_cpu_share")
+        made_of["server_cpu_share"] = case.get("server_cpu_share")
+        case["models"][key] = {"what": what, "model": model.describe(),
+                               "rows": compare(case["live"], sim_run["summary"]),
+                               "sim": sim_run["summary"], "sim_server": sim_run["server"],
+                               "live_steps": made_of, "sim_gap_s": model.gap}
+    case["rows"] = case["models"]["calibration"]["rows"]
+    return case
 
 
 def _cpu_self() -> float:
@@ -134,9 +172,18 @@ def _cpu_tree(pid: int) -> float | None:
         return None
 
 
+def rows_table(rows: list[dict]) -> list[str]:
+    out = ["| figure | live | sim | sim/live - 1 |", "|---|---|---|---|"]
+    for r in rows:
+        rel = "-" if r["rel_diff"] is None else f"{100 * r['rel_diff']:+.1f}%"
+        out.append(f"| {r['figure']} | {r['live']:.4g} | {r['sim']:.4g} | {rel} |")
+    return out
+
+
 def makeup(c: dict) -> list[str]:
     """A case's time per token taken apart, live (the server's step trace)
-    against the simulator's run of the same programs."""
+    against the simulator's run of the same programs (`c`: one of a case's
+    models)."""
     st, sim = c.get("live_steps"), c["sim_server"]
     if not st:
         return []
@@ -165,7 +212,7 @@ def makeup(c: dict) -> list[str]:
         f"| prefill, total (s) | {st['prefill_s']:.2f} (model at these: "
         f"{st['model_prefill_s']:.2f}) | {sim.get('prefill_time_s', 0.0):.2f} |",
         f"| mean batch (seqs), KV tokens | {st['mean_batch']:.1f}, {st['mean_kv']:.0f} | |",
-        f"| client CPU, share of one core | {st['client_cpu_share']:.2f} | |",
+        f"| client CPU, share of one core | {st.get('client_cpu_share') or 0.0:.2f} | |",
         f"| server CPU, share of one core | "
         f"{'-' if share is None else f'{share:.2f}'} | |", ""]
 
@@ -178,15 +225,25 @@ def markdown(result: dict) -> str:
         lines += [f"**{c['case']}** (`{' '.join(c['flags']) or 'the default workload'}`, "
                   f"{c['rate']:.3g} programs/s = {c['load']} of capacity; isolated TPOT "
                   f"{1e3 * cal['tpot_s']:.2f} ms, TTFT {1e3 * cal['ttft_s']:.1f} ms)", "",
-                  "| figure | live | sim | sim/live - 1 |", "|---|---|---|---|"]
-        for r in c["rows"]:
-            rel = "-" if r["rel_diff"] is None else f"{100 * r['rel_diff']:+.1f}%"
-            lines.append(f"| {r['figure']} | {r['live']:.4g} | {r['sim']:.4g} | {rel} |")
-        lines.append("")
-        lines += makeup(c)
-    within = [abs(r["rel_diff"]) <= TARGET for c in result["cases"] for r in c["rows"]
-              if r["rel_diff"] is not None]
-    lines.append(f"{sum(within)} of {len(within)} figures within {100 * TARGET:.0f}%.")
+                  ""]
+        for key, _ in MODELS:
+            m = c.get("models", {}).get(key)
+            if m is None:
+                continue
+            d = m["model"]
+            lines += [f"Cost model fitted to {m['what']}: decode {1e3 * d['a']:.2f} ms + "
+                      f"{1e3 * d['b']:.3f} ms/seq + {1e6 * d['c']:.3f} us/KV token; prefill "
+                      f"{1e3 * d['e']:.2f} ms + {1e6 * d['f']:.1f} us/token + "
+                      f"{1e3 * d['g']:.2f} ms/request + {1e6 * d.get('h', 0.0):.2f} us/context "
+                      f"token; gap {1e3 * d['gap']:.2f} ms", ""]
+            lines += rows_table(m["rows"]) + [""] + makeup(m)
+    for key, what in MODELS:
+        within = [abs(r["rel_diff"]) <= TARGET for c in result["cases"]
+                  for r in c.get("models", {}).get(key, {}).get("rows", [])
+                  if r["rel_diff"] is not None]
+        if within:
+            lines.append(f"- {key} ({what.split(' (')[0]}): {sum(within)} of {len(within)} "
+                         f"figures within {100 * TARGET:.0f}%.")
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="taper")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-dir", default="results/fidelity")
+    p.add_argument("--resim", action="store_true",
+                   help="no live runs: simulate again the cases stored in --result-dir "
+                        "(result.json and each case's steps.csv), e.g. after a model change")
     ns = p.parse_args(argv)
+    if ns.resim:
+        return resim(Path(ns.result_dir))
     cases = [c for c in ns.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:
@@ -222,6 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = time.monotonic() - t0
     from bench import report
 
+    report.write_tables(result, markdown(result), out, "fidelity")
+    return 0
+
+
+def resim(out: Path) -> int:
+    from bench import report
+
+    try:
+        result = json.loads((out / "result.json").read_text())
+        for c in result["cases"]:
+            simulate_case(c, out / c["case"])
+    except (OSError, ValueError, KeyError) as e:
+        print(f"fidelity: error: {out}: {e}", file=sys.stderr)
+        return 2
+    result["resimulated"] = True
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     report.write_tables(result, markdown(result), out, "fidelity")
     return 0
 

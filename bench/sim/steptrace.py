@@ -26,6 +26,7 @@ class Trace:
     end: np.ndarray
     size: np.ndarray  # decode: sequences; prefill: new tokens
     count: np.ndarray  # decode: KV tokens; prefill: requests
+    context: np.ndarray  # prefill: the requests' whole prompts (cached included); decode: 0
 
     @classmethod
     def read(cls, path: str | Path, t0: float = -np.inf, t1: float = np.inf) -> Trace:
@@ -36,13 +37,13 @@ class Trace:
             parts = line.split(",")
             if i == 0 and parts[0] == "kind":
                 continue
-            if len(parts) != 5 or parts[0] not in ("d", "p"):
+            if len(parts) not in (5, 6) or parts[0] not in ("d", "p"):
                 raise ValueError(f"{path}:{i + 1}: not a step line: {line!r}")
             rows.append((parts[0], float(parts[1]), float(parts[2]), int(parts[3]),
-                         int(parts[4])))
+                         int(parts[4]), int(parts[5]) if len(parts) == 6 else 0))
         rows = sorted((r for r in rows if t0 <= r[1] < t1), key=lambda r: r[1])
         if not rows:
-            return cls(*(np.array([]) for _ in range(5)))
+            return cls(*(np.array([]) for _ in range(6)))
         cols = list(zip(*rows))
         return cls(np.array(cols[0]), *(np.array(c, dtype=float) for c in cols[1:]))
 
@@ -72,8 +73,8 @@ def parts(tr: Trace, cost, window: float) -> dict:
         cycle = c[ok]
     pred = np.array([cost.decode(int(n), float(kv))
                      for n, kv in zip(tr.size[dec], tr.count[dec])])
-    pre_pred = np.array([cost.prefill(int(t), int(r))
-                         for t, r in zip(tr.size[pre], tr.count[pre])])
+    pre_pred = np.array([cost.prefill(int(t), int(r), float(x))
+                         for t, r, x in zip(tr.size[pre], tr.count[pre], tr.context[pre])])
     return {
         "window_s": window,
         "decode_steps": int(dec.sum()), "prefill_steps": int(pre.sum()),
@@ -90,3 +91,41 @@ def parts(tr: Trace, cost, window: float) -> dict:
         "mean_batch": float(tr.size[dec].mean()) if dec.any() else 0.0,
         "mean_kv": float(tr.count[dec].mean()) if dec.any() else 0.0,
     }
+
+
+def fit_linear(tr: Trace, name: str = "linear:step-trace"):
+    """A LinearCost fitted to a trace's server-side steps: decode a + b*seqs +
+    c*kv and prefill e + f*tokens + g*requests by least squares (a negative
+    coefficient clipped to 0 and the rest refitted), the scheduler's gap as the
+    median between busy steps, the noise as the decode residuals' relative
+    standard deviation."""
+    from bench.sim.cost import LinearCost
+
+    dec = tr.kind == "d"
+    pre = ~dec
+    step = tr.end - tr.launch
+    if dec.sum() < 3 or pre.sum() < 3:
+        raise ValueError(f"too few steps to fit ({int(dec.sum())} decode, "
+                         f"{int(pre.sum())} prefill; 3 of each needed)")
+
+    def nnls(cols: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+        keep = list(range(len(cols)))
+        while True:
+            x = np.linalg.lstsq(np.column_stack([cols[i] for i in keep]), y, rcond=None)[0]
+            if (x >= 0).all() or len(keep) == 1:
+                out = np.zeros(len(cols))
+                out[keep] = np.maximum(x, 0.0)
+                return out
+            keep.pop(int(np.argmin(x)))
+
+    one = np.ones(int(dec.sum()))
+    a, b, c = nnls([one, tr.size[dec], tr.count[dec]], step[dec])
+    e, f, g, h = nnls([np.ones(int(pre.sum())), tr.size[pre], tr.count[pre], tr.context[pre]],
+                      step[pre])
+    model = a + b * tr.size[dec] + c * tr.count[dec]
+    gap = tr.launch[1:] - tr.end[:-1]
+    gap = gap[gap < IDLE_S]
+    return LinearCost(a=float(a), b=float(b), c=float(c), e=float(e), f=float(f), g=float(g),
+                      h=float(h),
+                      gap=float(np.median(gap)) if len(gap) else 0.0,
+                      noise=float(np.std(step[dec] / model - 1.0)), name=name)

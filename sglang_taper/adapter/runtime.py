@@ -519,7 +519,8 @@ class SchedulerRuntime:
             self.prefill_seconds += now - batch.launch_ts
             if self._trace is not None:
                 self._trace_line(f"p,{batch.launch_ts:.6f},{now:.6f},"
-                                 f"{int(batch.extend_num_tokens)},{len(batch.reqs)}\n")
+                                 f"{int(batch.extend_num_tokens)},{len(batch.reqs)},"
+                                 f"{int(batch.seq_lens_sum or 0)}\n")
             self.controller.observe_prefill(int(batch.extend_num_tokens), now - batch.launch_ts,
                                             batch.launch_ts <= self._disturbed_before)
 
@@ -654,8 +655,9 @@ def _open_trace(path: str | None, scheduler):
     """The step trace's file (TAPER_STEP_TRACE=PATH), line-buffered so a killed
     server leaves whole lines; a rank other than the first writes PATH.tpT.dpD.
     Lines: `d,launch,end,seqs,kv_tokens` for a decode step, `p,launch,end,
-    new_tokens,requests` for a prefill step (scheduler monotonic seconds). A path
-    that cannot be opened is logged and traces nothing."""
+    new_tokens,requests,context_tokens` for a prefill step (context: the
+    requests' whole prompts, cached prefixes included; scheduler monotonic
+    seconds). A path that cannot be opened is logged and traces nothing."""
     if not path:
         return None
     tp = getattr(scheduler, "tp_rank", 0) or 0
@@ -670,7 +672,7 @@ def _open_trace(path: str | None, scheduler):
     except OSError as e:
         logger.warning("%s=%s: cannot write it (%s); no step trace", ENV_TRACE, path, e)
         return None
-    f.write("kind,launch,end,size,count\n")
+    f.write("kind,launch,end,size,count,context\n")
     return f
 
 
