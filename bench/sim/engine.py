@@ -323,14 +323,15 @@ class Engine:
         prefix token a branch reads; the others read it per branch in plain
         attention, re-reads at the cost model's `reread` of a fresh read."""
         shared = shared[in_group]
+        if not self._cascade:  # plain attention: every group re-reads (members share one prefix)
+            _, first = np.unique(g[in_group], return_index=True)
+            rereads = float(shared.sum() - shared[first].sum())
+            return 0.0, kv - (1.0 - self._reread) * rereads, 0.0, False
         _, first, inverse, width = np.unique(g[in_group], return_index=True,
                                              return_inverse=True, return_counts=True)
         prefix = shared[first]
-        if self._cascade:
-            two = np.ones(len(first), bool) if self._gate is None else \
-                self._gate.pays_many(width, prefix)
-        else:
-            two = np.zeros(len(first), bool)
+        two = np.ones(len(first), bool) if self._gate is None else \
+            self._gate.pays_many(width, prefix)
         reads = np.bincount(inverse, weights=shared)  # prefix tokens its branches read
         plain_rereads = float((reads - prefix)[~two].sum())
         two_reads = float(reads[two].sum())
