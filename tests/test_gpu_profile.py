@@ -24,10 +24,11 @@ FULL = ROOT / "bench/sim/profiles/h200_qwen3_32b_full.json"
 def cpu_check(tmp_path_factory):
     """bench/gpu/h200_full_profile.py --cpu-check: the device script's every
     section on a tiny model, Triton kernels interpreted on the CPU."""
+    pytest.importorskip("torch")
     pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("gpu-check")
     r = subprocess.run([sys.executable, "-m", "bench.gpu.h200_full_profile", str(out),
-                        "--cpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        "--cpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, json.loads((out / "profile.json").read_text())
@@ -36,12 +37,12 @@ def cpu_check(tmp_path_factory):
 def test_kernels_match_float64_attention(cpu_check):
     _, data = cpu_check
     check = data["kernel_check"]
-    # plain paged decode over 1, 2 and 5 splits, and two-level over 2 groups of 3
+    # plain paged decode over 1 and 5 splits, and two-level over 2 groups of 3
     assert set(check) == {"plain_splits1_rel_err", "plain_splits5_rel_err", "two_level_rel_err"}
     assert all(err < 1e-5 for err in check.values()), check  # float32 on the CPU
 
 
-def test_every_section_measures_and_two_level_tokens_agree(cpu_check):
+def test_every_section_measures_and_two_level_tokens_agree(cpu_check, tmp_path_factory):
     out, data = cpu_check
     assert "errors" not in data
     dec = data["decode"]
@@ -52,11 +53,10 @@ def test_every_section_measures_and_two_level_tokens_agree(cpu_check):
     # float32: the same greedy tokens with plain and two-level attention
     assert all(r["same_tokens"] == 1.0 for r in data["cascade_steps"])
     # and the simulator's profile can be built from such a run
-    (out.parent / "runs").mkdir(exist_ok=True)
-    run = out.parent / "runs" / "run1"
-    run.mkdir(exist_ok=True)
-    (run / "profile.json").write_text(json.dumps(data))
-    built = build_profile.build(out.parent / "runs")
+    runs = tmp_path_factory.mktemp("runs")
+    (runs / "run1").mkdir()
+    (runs / "run1" / "profile.json").write_text(json.dumps(data))
+    built = build_profile.build(runs)
     assert built["source"]["decode"] == "run1" and built["cascade"]["grid"]
 
 

@@ -38,6 +38,14 @@ def test_parts_of_a_known_trace(tmp_path):
         / 4)
 
 
+def test_a_restarted_servers_header_mid_file_is_skipped(tmp_path):
+    path = tmp_path / "steps.csv"
+    path.write_text("kind,launch,end,size,count,context\nd,1.0,1.01,2,20\n"
+                    "kind,launch,end,size,count,context\np,5.0,5.02,30,1,30\n")
+    tr = Trace.read(path)
+    assert list(tr.kind) == ["d", "p"] and list(tr.context) == [0, 30]
+
+
 def test_a_bad_line_is_one_error(tmp_path):
     path = tmp_path / "steps.csv"
     path.write_text("kind,launch,end,size,count\nx,1,2,3\n")

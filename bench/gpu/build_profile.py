@@ -61,7 +61,8 @@ def sharing_fit(table: dict, steps: list[dict]) -> dict:
     step; below 1 where the branches' shared pages hit in cache), and
     `two_level_s_per_token`, seconds per prefix token a branch reads through the
     two-level path beyond the table's prefix-read-once step (the median of the
-    measured excess per such token)."""
+    measured excess per such token, clipped at 0). A step no value in [0, 2]
+    explains is listed, not used; with none usable, 1 and 0 (the table alone)."""
     m = MeasuredCost("decode-table", table)
     per_step = []
     for r in steps:
@@ -74,12 +75,17 @@ def sharing_fit(table: dict, steps: list[dict]) -> dict:
                 lo = mid
             else:
                 hi = mid
-        excess = r["cascade_s"] - m.decode(n, own, uniq, cascade=True)
+        excess = max(0.0, r["cascade_s"] - m.decode(n, own, uniq, cascade=True))
         per_step.append({"groups": groups, "width": r["width"], "prefix": r["prefix"],
-                         "reread": lo, "two_level_s_per_token": excess / reads})
-    return {"shared_reread": float(np.median([x["reread"] for x in per_step])),
+                         "reread": lo, "two_level_s_per_token": excess / max(reads, 1),
+                         # width 1, or no re-read cost in [0, 2] gives the plain step
+                         "used": reads > uniq and 0.0 < lo < 2.0})
+    used = [x for x in per_step if x["used"]]
+    if not used:  # nothing to fit: the table as it is (no reuse, no two-level excess)
+        return {"shared_reread": 1.0, "two_level_s_per_token": 0.0, "sharing_fit": per_step}
+    return {"shared_reread": float(np.median([x["reread"] for x in used])),
             "two_level_s_per_token": float(np.median([x["two_level_s_per_token"]
-                                                      for x in per_step])),
+                                                      for x in used])),
             "sharing_fit": per_step}
 
 

@@ -33,10 +33,12 @@ def decode_tables(full: dict, old: dict) -> list[str]:
            "|---:|" + "---:|" * len(full["contexts"])]
     for b, row in zip(full["batches"], full["decode_s"]):
         out.append(f"| {b} | " + " | ".join(_ms(x) for x in row) + " |")
+    spread = full.get("decode_run_spread")
     out += ["", f"`-`: more KV than the card holds beside the weights "
-                f"({full['kv_capacity_tokens']} tokens); the simulator extends the row. "
-                f"Largest difference of a cell between the two runs that measured the "
-                f"table: {100 * full['decode_run_spread']:.1f}%.", "",
+                f"({full['kv_capacity_tokens']} tokens); the simulator extends the row."
+                + ("" if spread is None else
+                   f" Largest difference of a cell between the two runs that measured the "
+                   f"table: {100 * spread:.1f}%."), "",
             "### Full over extrapolated (4 layers x 16), cells both measured", "",
             "| batch | " + " | ".join(str(c) for c in old["contexts"]) + " |",
             "|---:|" + "---:|" * len(old["contexts"])]
@@ -126,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         for part in (decode_tables(full, old), prefill_table(ns.full, full),
                      cascade_tables(ns.full, full)):
             lines += part + [""]
-    except (OSError, ValueError, KeyError) as e:
-        print(f"report: {e}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        print(f"report: {type(e).__name__}: {e} (a profile from bench.gpu.build_profile "
+              f"has every section)", file=sys.stderr)
         return 2
     text = "\n".join(lines)
     if ns.out:

@@ -77,7 +77,7 @@ MODELS = (
 
 def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
     """The live half of a case: a traced server, calibrated, the workload at the
-    case's load; then `simulate_case` on what it recorded."""
+    case's load (`simulate_case` is the other half)."""
     from bench import cli as bench_cli
     from bench import options
     from sglang_taper.adapter.runtime import ENV_TRACE
@@ -89,6 +89,7 @@ def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
     bench = bench_cli.LiveBench(ns)
     trace_path = case_dir / "steps.csv"
     trace_path.unlink(missing_ok=True)
+    before = os.environ.get(ENV_TRACE)
     os.environ[ENV_TRACE] = str(trace_path.resolve())  # the server inherits it
     try:
         with bench.server(policy) as srv:
@@ -100,14 +101,16 @@ def run_case(name: str, policy: str, seed: int, out: Path) -> dict:
             live = bench.probe(srv, seed, rate)
             t1, cpu1, srv1 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
     finally:
-        os.environ.pop(ENV_TRACE, None)
-    case = {"case": name, "flags": flags, "load": load, "rate": rate, "policy": policy,
+        if before is None:
+            os.environ.pop(ENV_TRACE, None)
+        else:
+            os.environ[ENV_TRACE] = before
+    return {"case": name, "flags": flags, "load": load, "rate": rate, "policy": policy,
             "seed": seed, "calibration": bench.result["calibration"],
             "slo": bench.result["slo"], "live": live["summary"], "live_server": live["server"],
             "window": [t0, t1], "client_cpu_share": (cpu1 - cpu0) / (t1 - t0),  # of one core
             "server_cpu_share": None if srv0 is None or srv1 is None else
             (srv1 - srv0) / (t1 - t0)}
-    return simulate_case(case, case_dir)
 
 
 def simulate_case(case: dict, case_dir: Path) -> dict:
@@ -226,6 +229,8 @@ def markdown(result: dict) -> str:
                   f"{c['rate']:.3g} programs/s = {c['load']} of capacity; isolated TPOT "
                   f"{1e3 * cal['tpot_s']:.2f} ms, TTFT {1e3 * cal['ttft_s']:.1f} ms)", "",
                   ""]
+        if c.get("sim_error"):
+            lines += [f"Not simulated: {c['sim_error']}", ""]
         for key, _ in MODELS:
             m = c.get("models", {}).get(key)
             if m is None:
@@ -279,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"kind": "fidelity", "argv": sys.argv[1:], "policy": ns.policy, "seed": ns.seed,
               "cases": []}
     for name in cases:
-        result["cases"].append(run_case(name, ns.policy, ns.seed, out))
+        case = run_case(name, ns.policy, ns.seed, out)
+        result["cases"].append(case)  # the live run is kept even if simulating it fails
+        (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+        _simulate_or_note(case, out / name)
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     result["wall_s"] = time.monotonic() - t0
     from bench import report
@@ -288,13 +296,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _simulate_or_note(case: dict, case_dir: Path) -> None:
+    """simulate_case, or the reason it could not (a trace too short to fit, say)
+    in case["sim_error"], printed: the live figures stay, and --resim can retry."""
+    case.pop("sim_error", None)
+    try:
+        simulate_case(case, case_dir)
+    except (OSError, ValueError, KeyError) as e:
+        case["sim_error"] = f"{type(e).__name__}: {e}"
+        print(f"fidelity: {case['case']}: not simulated: {case['sim_error']}", file=sys.stderr)
+
+
 def resim(out: Path) -> int:
     from bench import report
 
     try:
         result = json.loads((out / "result.json").read_text())
         for c in result["cases"]:
-            simulate_case(c, out / c["case"])
+            _simulate_or_note(c, out / c["case"])
     except (OSError, ValueError, KeyError) as e:
         print(f"fidelity: error: {out}: {e}", file=sys.stderr)
         return 2

@@ -39,9 +39,13 @@ def make_controller(policy: str, cost: CostModel, base: TaperConfig | None = Non
     fields = (base or TaperConfig()).to_dict()
     fields.update(policy=policy, profile=None)
     cfg = TaperConfig(**fields)
+    # With cascade, the controller counts a prefix once only for the groups the
+    # engine sends down the two-level path: the cost model's gate, where it has one.
+    gate = cost.sharing()[2] if cfg.cascade else None
+    extra = {"cascade_gate": gate} if gate is not None else {}
     if cfg.spec.entry.needs_cost:
-        return Controller(replace(cfg, margin=0.0), cost=cost)
-    return Controller(cfg, model=warm_start(cost))
+        return Controller(replace(cfg, margin=0.0), cost=cost, **extra)
+    return Controller(cfg, model=warm_start(cost), **extra)
 
 
 def simulate(programs: list[Program], cost: CostModel, policy: str,

@@ -35,7 +35,7 @@ class Trace:
         rows = []
         for i, line in enumerate(Path(path).read_text().splitlines()):
             parts = line.split(",")
-            if i == 0 and parts[0] == "kind":
+            if parts[0] == "kind":  # a header (each server that appended wrote one)
                 continue
             if len(parts) not in (5, 6) or parts[0] not in ("d", "p"):
                 raise ValueError(f"{path}:{i + 1}: not a step line: {line!r}")
@@ -125,7 +125,10 @@ def fit_linear(tr: Trace, name: str = "linear:step-trace"):
     model = a + b * tr.size[dec] + c * tr.count[dec]
     gap = tr.launch[1:] - tr.end[:-1]
     gap = gap[gap < IDLE_S]
+    # An overlap scheduler's trace has negative gaps (a step's end is when its result
+    # was processed, after the next launch): the simulator's gap is not below 0.
     return LinearCost(a=float(a), b=float(b), c=float(c), e=float(e), f=float(f), g=float(g),
                       h=float(h),
-                      gap=float(np.median(gap)) if len(gap) else 0.0,
-                      noise=float(np.std(step[dec] / model - 1.0)), name=name)
+                      gap=max(0.0, float(np.median(gap))) if len(gap) else 0.0,
+                      noise=float(np.std(step[dec] / np.maximum(model, 1e-9) - 1.0)),
+                      name=name)

@@ -508,7 +508,11 @@ class SchedulerRuntime:
             self._trace.write(line)
         except (OSError, ValueError) as e:  # a full disk ends the trace, not regulation
             logger.warning("%s: writing failed (%s); step trace stopped", ENV_TRACE, e)
-            self._trace = None
+            trace, self._trace = self._trace, None
+            try:
+                trace.close()
+            except (OSError, ValueError):
+                pass
 
     def _on_prefill(self, batch, now: float) -> None:
         for r in batch.reqs:
@@ -518,9 +522,12 @@ class SchedulerRuntime:
         if batch.launch_ts is not None and batch.extend_num_tokens:
             self.prefill_seconds += now - batch.launch_ts
             if self._trace is not None:
+                # the requests' whole prompts (Req.seqlen: the overlap loop's batch copy
+                # has no seq_lens_sum)
+                context = sum(r.seqlen for r in batch.reqs)
                 self._trace_line(f"p,{batch.launch_ts:.6f},{now:.6f},"
                                  f"{int(batch.extend_num_tokens)},{len(batch.reqs)},"
-                                 f"{int(batch.seq_lens_sum or 0)}\n")
+                                 f"{context}\n")
             self.controller.observe_prefill(int(batch.extend_num_tokens), now - batch.launch_ts,
                                             batch.launch_ts <= self._disturbed_before)
 
@@ -653,26 +660,30 @@ ENV_TRACE = "TAPER_STEP_TRACE"  # PATH: every step's kind, launch, end and size,
 
 def _open_trace(path: str | None, scheduler):
     """The step trace's file (TAPER_STEP_TRACE=PATH), line-buffered so a killed
-    server leaves whole lines; a rank other than the first writes PATH.tpT.dpD.
+    server leaves whole lines; a rank other than the first writes PATH.tpT.dpD
+    (.ppP for a later pipeline stage). With SGLang's overlap scheduler (the GPU
+    default) a step's end is when its result was processed, after the next
+    step's launch: gaps come out negative and step times include the overlap.
     Lines: `d,launch,end,seqs,kv_tokens` for a decode step, `p,launch,end,
     new_tokens,requests,context_tokens` for a prefill step (context: the
     requests' whole prompts, cached prefixes included; scheduler monotonic
     seconds). A path that cannot be opened is logged and traces nothing."""
     if not path:
         return None
-    tp = getattr(scheduler, "tp_rank", 0) or 0
+    tp, pp = getattr(scheduler, "tp_rank", 0) or 0, getattr(scheduler, "pp_rank", 0) or 0
     try:
         dp = _dp_rank() or 0
     except Exception:  # no parallel context (a unit test's stand-in scheduler)
         dp = getattr(scheduler, "dp_rank", 0) or 0
-    if tp or dp:
-        path = f"{path}.tp{tp}.dp{dp}"
+    if tp or dp or pp:
+        path = f"{path}.tp{tp}.dp{dp}" + (f".pp{pp}" if pp else "")
     try:
         f = open(path, "a", buffering=1)  # noqa: SIM115 (open for the server's life)
+        if f.tell() == 0:  # a restarted server appends to its predecessor's lines
+            f.write("kind,launch,end,size,count,context\n")
     except OSError as e:
         logger.warning("%s=%s: cannot write it (%s); no step trace", ENV_TRACE, path, e)
         return None
-    f.write("kind,launch,end,size,count,context\n")
     return f
 
 
