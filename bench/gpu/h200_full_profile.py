@@ -193,8 +193,8 @@ def time_eager(fn, reps: int) -> float:
 # ------------------------------------------------------------------ profile
 
 class Profile:
-    def __init__(self, out: Path, budget_s: float, cpu: bool) -> None:
-        self.out, self.cpu = out, cpu
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out = out
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget_s
         self.data: dict = {}
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     c, grid = (QWEN3_32B, GRID) if dev == "cuda" else (TINY, CPU_GRID)
-    p = Profile(out, budget, dev == "cpu")
+    p = Profile(out, budget)
     import triton
     p.data = {"model": "qwen3-32b" if dev == "cuda" else "tiny (cpu check)",
               "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu",

@@ -263,8 +263,6 @@ class MeasuredCost(CostModel):
         self.batches = np.asarray(data["batches"], dtype=float)
         self.contexts = np.asarray(data["contexts"], dtype=float)
         rows = fill_rows(data["decode_s"])
-        # [batch, context]; cells not measured are NaN here (filled in _rows)
-        self.table = np.array([r + [math.nan] * (len(self.contexts) - len(r)) for r in rows])
         self.kv_capacity = data.get("kv_capacity_tokens")
         # The same numbers as Python floats: one step's lookup is a few scalar
         # interpolations, which np.interp's call overhead would dominate.

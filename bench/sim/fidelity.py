@@ -131,11 +131,11 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
              "trace_before": case_dir / "trace_cost_model.json",
              "trace_run": case_dir / "run_cost_model.json"}
     paths["calibration"].write_text(json.dumps(case["calibration"]["fit"], indent=1))
+    run_trace = Trace.read(trace_path, t0, t1)
     fit_linear(Trace.read(trace_path, -float("inf"), t0)).save(
         paths["trace_before"], source="server step trace before the run (TAPER_STEP_TRACE)")
-    fit_linear(Trace.read(trace_path, t0, t1)).save(
+    fit_linear(run_trace).save(
         paths["trace_run"], source="server step trace of the run itself (in-sample)")
-    run_trace = Trace.read(trace_path, t0, t1)
     case["models"] = {}
     for key, what in MODELS:
         sim_ns = argparse.Namespace(**{
