@@ -149,6 +149,22 @@ class LiveServer:
         if self.proc is not None:
             self.proc.stop()
 
+    def decode_at(self, points: tuple[tuple[int, int], ...]) -> None:
+        """Batches of (sequences, context tokens each) decoding together, for a
+        step trace to see steps of those shapes (`_batch`: prompts prefilled
+        first); the figures are not kept here."""
+        for n, context in points:
+            done = asyncio.run(_batch(self.url, n, context, f"shape {n} {context}"))
+            errors = [c.error for c in done if c.error]
+            if errors:
+                raise RuntimeError(f"decode_at({n}, {context}) failed: {errors[0]}")
+
+    def calibrate_again(self) -> dict:
+        """The calibration once more, from a clean slate (its prompts uncached
+        again): how the server's speed moved since the first."""
+        StatsClient(self.url).clean_slate()
+        return asyncio.run(_calibrate(self.url, self.context, self.samples))
+
     @property
     def url(self) -> str:
         return self.proc.url

@@ -116,3 +116,29 @@ def test_scalar_interp_is_np_interp_bit_for_bit(xs, ys, x):
     for at in (x, xp[0], xp[-1], xp[len(xp) // 2], (xp[0] + xp[-1]) / 2):
         assert costs.interp(at, xp, fp) == float(np.interp(at, xp, fp))
         assert costs.interp(at, xp, fp) == float(np.interp(at, np.array(xp), np.array(fp)))
+
+
+def test_a_host_speed_factor_scales_every_step_and_gap():
+    """SimConfig.speed (fidelity's replay of a live host's speed): a factor 2
+    throughout is the same run as a cost model twice as slow, gap included;
+    a factor that starts later slows only what comes after it."""
+    import math
+
+    from bench.sim.engine import SimConfig
+
+    coeffs = dict(a=0.004, b=0.0003, c=4e-7, e=0.006, f=2e-5, g=0.001)
+    base = costs.LinearCost(**coeffs, gap=0.001)
+    slow = costs.LinearCost(**{k: 2 * v for k, v in coeffs.items()}, gap=0.002)
+    progs = workload(30)
+
+    def ends(cost, speed=None):
+        recs = simulate(progs, cost, "eager", sim=SimConfig(speed=speed))["records"]
+        return [t for r in recs for q in r.requests for t in q.token_times]
+
+    doubled = ends(base, ((0.0,), (2.0,)))
+    assert doubled == pytest.approx(ends(slow), rel=1e-9)
+    plain = ends(base)
+    later = ends(base, ((0.0, 20.0), (1.0, 3.0)))
+    assert later != plain
+    first_late = min(i for i, (x, y) in enumerate(zip(plain, later)) if not math.isclose(x, y))
+    assert plain[first_late] > 20.0 - 0.1  # nothing before the factor changed moved

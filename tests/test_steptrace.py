@@ -36,6 +36,20 @@ def test_parts_of_a_known_trace(tmp_path):
     assert got["model_decode_s"]["mean"] == pytest.approx(
         sum(0.002 + 0.001 * n + 1e-5 * kv for n, kv in ((4, 400), (4, 404), (6, 600), (6, 606)))
         / 4)
+    # the one decode step a decode step follows without idling: launch to launch
+    # (12 ms) against the model's step and gap there (4 sequences, 404 tokens)
+    assert got["decode_measured_over_model"]["n"] == 1
+    assert got["decode_measured_over_model"]["p50"] == pytest.approx(
+        0.012 / (0.002 + 0.004 + 404e-5))
+
+
+def test_windows_read_together(tmp_path):
+    path = tmp_path / "steps.csv"
+    path.write_text("kind,launch,end,size,count\n" + "".join(
+        f"d,{t}.0,{t}.01,1,10\n" for t in (5, 1, 3, 9, 7)))
+    tr = Trace.read_windows(path, [(6.0, 10.0), (0.0, 2.0)])
+    assert list(tr.launch) == [1.0, 7.0, 9.0]  # launch order, whichever window
+    assert list(Trace.read(path, 3.0, 7.0).launch) == [3.0, 5.0]  # [t0, t1)
 
 
 def test_a_restarted_servers_header_mid_file_is_skipped(tmp_path):
@@ -56,8 +70,11 @@ def test_a_bad_line_is_one_error(tmp_path):
 
 
 def test_fit_recovers_a_known_model(tmp_path):
-    """fit_linear on steps made by a known model: its coefficients back, the
-    prefill's term for cached context included, and the median gap."""
+    """fit_linear on steps made by a known model, with a scheduler gap that
+    grows with the batch just decoded (1 ms + 50 us a sequence, as live): its
+    coefficients back, the per-sequence gap in the decode's `b` (the cycle a
+    running request sees), the prefill's term for cached context included,
+    and the constant gap (the one after a prefill) as the model's gap."""
     import numpy as np
 
     from bench.sim.steptrace import fit_linear
@@ -76,11 +93,13 @@ def test_fit_recovers_a_known_model(tmp_path):
             kv = n * int(rng.integers(50, 2000))
             dt = true.decode(n, kv)
             lines.append(f"d,{t:.6f},{t + dt:.6f},{n},{kv}")
+            t += 50e-6 * n
         t += dt + 0.001
     path = tmp_path / "steps.csv"
     path.write_text("\n".join(lines) + "\n")
     got = fit_linear(Trace.read(path))
-    for k in "abcefgh":
+    assert got.b == pytest.approx(true.b + 50e-6, rel=1e-3)
+    for k in "acefgh":
         assert getattr(got, k) == pytest.approx(getattr(true, k), rel=1e-3, abs=1e-9), k
     assert got.gap == pytest.approx(0.001, abs=1e-5) and got.noise < 1e-3
     with pytest.raises(ValueError, match="too few steps"):
@@ -89,9 +108,9 @@ def test_fit_recovers_a_known_model(tmp_path):
 
 def test_a_stored_live_run_simulates_again(tmp_path):
     """fidelity --resim's path on the committed Mooncake case: its step trace
-    fitted before and during the run, the same programs simulated on each
-    model, the live run taken apart; deterministic, so the figures the
-    results README quotes come back."""
+    fitted around, between and during the two live runs, each run's programs
+    simulated on every model, the runs taken apart; deterministic, so the
+    figures the results README quotes come back."""
     import json
     import shutil
     from pathlib import Path
@@ -103,11 +122,39 @@ def test_a_stored_live_run_simulates_again(tmp_path):
                 if c["case"] == "mooncake")
     shutil.copytree(src / "mooncake", tmp_path / "mooncake")
     out = fidelity.simulate_case(case, tmp_path / "mooncake")
-    assert set(out["models"]) == {key for key, _ in fidelity.MODELS}
-    rows = {r["figure"]: r["rel_diff"] for r in out["models"]["trace_run"]["rows"]}
-    assert rows["TPOT p50"] == pytest.approx(0.008, abs=0.002)  # README: +0.8%
-    parts_ = out["models"]["trace_before"]["live_steps"]
-    assert parts_["decode_steps"] == 2205 and parts_["prefill_steps"] == 78
+    assert len(out["runs"]) == 2
+    for run in out["runs"]:
+        assert set(run["models"]) == {key for key, _ in fidelity.MODELS}
+        assert len(run["host_speed"][0]) == len(run["host_speed"][1]) > 1
+    rows = [{r["figure"]: r["rel_diff"] for r in run["models"]["bracket_speed"]["rows"]}
+            for run in out["runs"]]
+    assert rows[0]["TPOT p50"] == pytest.approx(-0.049, abs=0.002)  # README: -4.9%
+    assert rows[1]["TPOT p99"] == pytest.approx(0.087, abs=0.002)  # README: +8.7%
+    assert out["repeat"][2]["rel_diff"] == pytest.approx(-0.138, abs=0.002)  # live vs live
+    parts_ = out["runs"][0]["models"]["bracket"]["live_steps"]
+    assert parts_["decode_steps"] == 2205 and parts_["prefill_steps"] == 73
     assert 0.0 < parts_["client_cpu_share"] < 0.1
-    assert fidelity.markdown({"policy": "taper", "seed": 0, "cases": [out]}).count(
-        "| TPOT p50 |") == 3
+    md = fidelity.markdown({"policy": "taper", "seed": 0, "cases": [out]})
+    assert md.count("| sim on ") == len(fidelity.MODELS)
+    assert "| bracket_speed | 8 of 8 | 8 of 8 |" in md  # within 10%, both runs
+
+
+def test_host_speed_is_the_run_against_the_model_per_bin(tmp_path):
+    """Decode cycles at twice the model for the first 5 s, as the model after,
+    a bin with too few cycles keeping the last factor."""
+    from bench.sim.steptrace import host_speed
+
+    cost = LinearCost(a=0.004, b=0.001, c=0.0, e=0.0, f=0.0, gap=0.001)
+    lines, t = ["kind,launch,end,size,count"], 100.0
+    while t < 110.0:
+        k = 2.0 if t < 105.0 else 1.0
+        step = k * (0.004 + 0.001 * 3)
+        lines.append(f"d,{t:.6f},{t + step:.6f},3,300")
+        t += step + k * 0.001
+    lines.append(f"d,{t + 6:.6f},{t + 6.01:.6f},3,300")  # after an idle stretch, alone
+    path = tmp_path / "steps.csv"
+    path.write_text("\n".join(lines) + "\n")
+    times, factors = host_speed(Trace.read(path), cost, 100.0)
+    assert times == (0.0, 5.0)
+    assert factors == pytest.approx((2.0, 1.0), rel=1e-3)
+    assert host_speed(Trace.read(path, 0.0, 1.0), cost, 0.0) == ((0.0,), (1.0,))

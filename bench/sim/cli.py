@@ -44,7 +44,8 @@ def _setup(ns, seed: int) -> dict:
     return {"cost": cost, "programs": progs, "calibration": cal,
             "trace": trace,
             "capacity": capacity(cal, progs) * _replicas(ns), "ttft": ttft, "tpot": tpot,
-            "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed)}
+            "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed,
+                             speed=getattr(ns, "host_speed", None))}
 
 
 def _replicas(ns) -> int:
@@ -152,7 +153,9 @@ def default_kv_capacity(ns) -> None:
 def run_sim(ns, calibration: dict | None = None) -> dict:
     """Every (policy, seed) of the command line, in parallel worker processes.
     `calibration`: measured isolated figures and capacity to use instead of the
-    cost model's (see `_setup`)."""
+    cost model's (see `_setup`). `ns.host_speed`, where set (bench.sim.fidelity
+    sets it, the command line does not): the host's speed over a live run
+    replayed (`SimConfig.speed`)."""
     from bench.sim.bound import max_rate_bound
 
     ns.calibration = calibration

@@ -56,6 +56,10 @@ class SimConfig:
     max_running: int = 4096  # sequences
     gap: float | None = None  # seconds between steps (default: the cost model's)
     seed: int = 0
+    # The host's speed over time, for replaying a live run: (times, factors), every
+    # step from times[i] on takes factors[i] x the cost model's time, gap included
+    # (before times[0]: factors[0]). None: the cost model's times as they are.
+    speed: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -207,6 +211,8 @@ class Engine:
         self.ctl = controller
         self.rng = np.random.default_rng(self.cfg.seed)
         self.gap = self.cfg.gap if self.cfg.gap is not None else getattr(cost, "gap", 0.0)
+        self._speed = None if self.cfg.speed is None else \
+            tuple(np.asarray(x, dtype=float) for x in self.cfg.speed)
         self.t = 0.0
         self.waiting = WaitingQueue()  # FIFO: admission pops from the left (`queue` appends)
         self._queued: tuple[tuple[int, int], PrefillView] | None = None  # (tokens, version)
@@ -293,8 +299,12 @@ class Engine:
         """One prefill step of the first `n` waiting requests, `tokens` tokens."""
         batch = [self.waiting.popleft() for _ in range(n)]
         t_prefill = self.cost.prefill(tokens, len(batch), sum(r.context for r in batch))
+        gap = self.gap
+        if self._speed is not None:
+            k = self._speed_at(self.t)
+            t_prefill, gap = t_prefill * k, gap * k
         self.ctl.observe_prefill(tokens, t_prefill)
-        self.t += t_prefill + self.gap
+        self.t += t_prefill + gap
         self.steps["prefill"] += 1
         self.prefill_time += t_prefill
         t = self.t
@@ -339,6 +349,10 @@ class Engine:
         return (float(prefix[two].sum()), kv_eff, self._two_level_s * two_reads,
                 bool(two.any()))
 
+    def _speed_at(self, t: float) -> float:
+        times, factors = self._speed
+        return float(factors[max(0, int(np.searchsorted(times, t, side="right")) - 1)])
+
     def _release(self, r: _Req) -> None:
         self.kv_used -= r.new_tokens + r.max_new
 
@@ -357,7 +371,11 @@ class Engine:
         dt = self.cost.decode(len(keep), kv_eff, uniq, two_level) + extra
         if self.cost.step_noise:
             dt *= max(0.2, 1.0 + self.cost.step_noise * self.rng.standard_normal())
-        start = self.t + self.gap
+        gap = self.gap
+        if self._speed is not None:
+            k = self._speed_at(self.t)
+            dt, gap = dt * k, gap * k
+        start = self.t + gap
         self.t = start + dt
         self.steps["decode"] += 1
         self.decode_time += dt

@@ -5,7 +5,8 @@ token is made of, live, against the cost model the simulator runs on.
 Per decode step: its own time (launch to result), the cycle to the next
 decode step's launch (the step, the scheduler's gap, and any prefill between:
 what a running request waits per token), and the cost model's prediction at
-the step's (sequences, KV tokens). Per prefill step: its time against the
+the step's (sequences, KV tokens), its gap included (against the cycles where
+one decode step follows another). Per prefill step: its time against the
 model's. Between steps: the scheduler's gap (idle stretches left out).
 """
 
@@ -32,6 +33,12 @@ class Trace:
     def read(cls, path: str | Path, t0: float = -np.inf, t1: float = np.inf) -> Trace:
         """The steps launched in [t0, t1) (scheduler monotonic seconds, which on
         Linux is the client's time.monotonic() too), in launch order."""
+        return cls.read_windows(path, [(t0, t1)])
+
+    @classmethod
+    def read_windows(cls, path: str | Path, windows: list[tuple[float, float]]) -> Trace:
+        """The steps launched in any of the windows [t0, t1), in launch order
+        (between two windows the gap reads as idling: fits leave it out)."""
         rows = []
         for i, line in enumerate(Path(path).read_text().splitlines()):
             parts = line.split(",")
@@ -41,7 +48,8 @@ class Trace:
                 raise ValueError(f"{path}:{i + 1}: not a step line: {line!r}")
             rows.append((parts[0], float(parts[1]), float(parts[2]), int(parts[3]),
                          int(parts[4]), int(parts[5]) if len(parts) == 6 else 0))
-        rows = sorted((r for r in rows if t0 <= r[1] < t1), key=lambda r: r[1])
+        rows = sorted((r for r in rows if any(t0 <= r[1] < t1 for t0, t1 in windows)),
+                      key=lambda r: r[1])
         if not rows:
             return cls(*(np.array([]) for _ in range(6)))
         cols = list(zip(*rows))
@@ -71,8 +79,16 @@ def parts(tr: Trace, cost, window: float) -> dict:
         c = tr.launch[di[1:]] - tr.launch[di[:-1]]
         ok = np.array([np.all(gap[a:b] < IDLE_S) for a, b in zip(di[:-1], di[1:])])
         cycle = c[ok]
-    pred = np.array([cost.decode(int(n), float(kv))
+    # The model's decode step with its gap before it: the simulator's time from one
+    # decode launch to the next, against the live one where two decode steps follow.
+    gap0 = getattr(cost, "gap", 0.0)
+    pred = np.array([cost.decode(int(n), float(kv)) + gap0
                      for n, kv in zip(tr.size[dec], tr.count[dec])])
+    follow = dec[:-1] & dec[1:] & (gap < IDLE_S) if len(gap) else np.zeros(0, bool)
+    pred_at = np.full(len(step), np.nan)
+    pred_at[dec] = pred
+    i = np.flatnonzero(follow)
+    cycle_ratio = (tr.launch[i + 1] - tr.launch[i]) / pred_at[i]
     pre_pred = np.array([cost.prefill(int(t), int(r), float(x))
                          for t, r, x in zip(tr.size[pre], tr.count[pre], tr.context[pre])])
     return {
@@ -81,7 +97,7 @@ def parts(tr: Trace, cost, window: float) -> dict:
         "decode_step_s": _pct(step[dec]),
         "decode_cycle_s": _pct(cycle),
         "model_decode_s": _pct(pred),
-        "decode_measured_over_model": _pct(step[dec] / pred) if len(pred) else {"n": 0},
+        "decode_measured_over_model": _pct(cycle_ratio),
         "gap_s": _pct(busy_gap),
         "prefill_s": float(step[pre].sum()),
         "model_prefill_s": float(pre_pred.sum()),
@@ -94,11 +110,19 @@ def parts(tr: Trace, cost, window: float) -> dict:
 
 
 def fit_linear(tr: Trace, name: str = "linear:step-trace"):
-    """A LinearCost fitted to a trace's server-side steps: decode a + b*seqs +
-    c*kv and prefill e + f*tokens + g*requests by least squares (a negative
-    coefficient clipped to 0 and the rest refitted), the scheduler's gap as the
-    median between busy steps, the noise as the decode residuals' relative
-    standard deviation."""
+    """A LinearCost fitted to a trace's server-side steps. The scheduler's time
+    between two steps grows with the batch it just finished (its results
+    processed, streamed and the next batch built: 0.3-0.7 ms after one
+    sequence, 1.5-2 ms after ten, on the CPU engine), so a decode step is
+    fitted as the cycle a running request sees, from its launch to the next
+    decode step's launch: a + gap + b*seqs + c*kv, where `gap` (the model's
+    constant time between steps, which the simulator adds before each decode
+    and after each prefill) is the median gap from a prefill step to a decode
+    step (the gap before a prefill may be the server idling for the client). Prefill:
+    e + f*tokens + g*requests + h*context over the prefill steps' own times.
+    Least squares with a negative coefficient clipped to 0 and the rest
+    refitted; the noise is the decode cycles' relative residual standard
+    deviation."""
     from bench.sim.cost import LinearCost
 
     dec = tr.kind == "d"
@@ -118,17 +142,55 @@ def fit_linear(tr: Trace, name: str = "linear:step-trace"):
                 return out
             keep.pop(int(np.argmin(x)))
 
-    one = np.ones(int(dec.sum()))
-    a, b, c = nnls([one, tr.size[dec], tr.count[dec]], step[dec])
-    e, f, g, h = nnls([np.ones(int(pre.sum())), tr.size[pre], tr.count[pre], tr.context[pre]],
-                      step[pre])
-    model = a + b * tr.size[dec] + c * tr.count[dec]
     gap = tr.launch[1:] - tr.end[:-1]
-    gap = gap[gap < IDLE_S]
+    busy = gap < IDLE_S
     # An overlap scheduler's trace has negative gaps (a step's end is when its result
     # was processed, after the next launch): the simulator's gap is not below 0.
-    return LinearCost(a=float(a), b=float(b), c=float(c), e=float(e), f=float(f), g=float(g),
-                      h=float(h),
-                      gap=max(0.0, float(np.median(gap))) if len(gap) else 0.0,
-                      noise=float(np.std(step[dec] / np.maximum(model, 1e-9) - 1.0)),
-                      name=name)
+    after_prefill = gap[busy & pre[:-1] & dec[1:]]  # (before a prefill it may be idling)
+    every = gap[busy]
+    gap0 = max(0.0, float(np.median(after_prefill if len(after_prefill) else every))) \
+        if len(every) else 0.0
+    # A decode step's cycle: to the next step's launch when that is a decode step.
+    cyc = np.flatnonzero(dec[:-1] & dec[1:] & busy)
+    if len(cyc) >= 3:
+        n, kv, y = tr.size[cyc], tr.count[cyc], tr.launch[cyc + 1] - tr.launch[cyc]
+    else:  # too few decode steps in a row: their own times, the constant gap added
+        n, kv, y = tr.size[dec], tr.count[dec], step[dec] + gap0
+    a, b, c = nnls([np.ones(len(y)), n, kv], y)
+    e, f, g, h = nnls([np.ones(int(pre.sum())), tr.size[pre], tr.count[pre], tr.context[pre]],
+                      step[pre])
+    model = a + b * n + c * kv
+    return LinearCost(a=float(max(0.0, a - gap0)), b=float(b), c=float(c), e=float(e),
+                      f=float(f), g=float(g), h=float(h), gap=gap0,
+                      noise=float(np.std(y / np.maximum(model, 1e-9) - 1.0)), name=name)
+
+
+def host_speed(tr: Trace, cost, t0: float, bin_s: float = 5.0,
+               min_cycles: int = 5) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The host's speed over a run against `cost`, for `SimConfig.speed`: per
+    `bin_s` seconds from `t0` (the run's start, the simulation's time 0), the
+    median ratio of the live decode-to-decode cycles launched in that bin to the
+    model's decode step and gap at the same (sequences, KV). A bin with fewer
+    than `min_cycles` cycles keeps the last factor (the first: all cycles'
+    median, 1.0 without any)."""
+    dec = tr.kind == "d"
+    if len(tr.kind) < 2:
+        return (0.0,), (1.0,)
+    gap = tr.launch[1:] - tr.end[:-1]
+    i = np.flatnonzero(dec[:-1] & dec[1:] & (gap < IDLE_S))
+    if not len(i):
+        return (0.0,), (1.0,)
+    g = getattr(cost, "gap", 0.0)
+    model = np.array([cost.decode(int(n), float(kv)) + g
+                      for n, kv in zip(tr.size[i], tr.count[i])])
+    ratio = (tr.launch[i + 1] - tr.launch[i]) / np.maximum(model, 1e-9)
+    b = np.floor((tr.launch[i] - t0) / bin_s).astype(int)
+    last = float(np.median(ratio))
+    times, factors = [], []
+    for k in range(max(0, int(b.min())), int(b.max()) + 1):
+        here = ratio[b == k]
+        if len(here) >= min_cycles:
+            last = float(np.median(here))
+        times.append(k * bin_s)
+        factors.append(last)
+    return tuple(times), tuple(factors)
