@@ -142,3 +142,6 @@ def test_a_host_speed_factor_scales_every_step_and_gap():
     assert later != plain
     first_late = min(i for i, (x, y) in enumerate(zip(plain, later)) if not math.isclose(x, y))
     assert plain[first_late] > 20.0 - 0.1  # nothing before the factor changed moved
+    for bad in (((), ()), ((0.0, 1.0), (1.0,)), ((1.0, 0.0), (1.0, 1.0)), ((0.0,), (0.0,))):
+        with pytest.raises(ValueError, match="SimConfig.speed"):
+            simulate(progs, base, "eager", sim=SimConfig(speed=bad))

@@ -158,3 +158,28 @@ def test_host_speed_is_the_run_against_the_model_per_bin(tmp_path):
     assert times == (0.0, 5.0)
     assert factors == pytest.approx((2.0, 1.0), rel=1e-3)
     assert host_speed(Trace.read(path, 0.0, 1.0), cost, 0.0) == ((0.0,), (1.0,))
+    # every cycle before the run's start: one factor, their median, from time 0
+    times, factors = host_speed(Trace.read(path), cost, 200.0)
+    assert times == (0.0,) and factors[0] == pytest.approx(1.0, rel=1e-3)  # most ran at 1x
+
+
+def test_a_case_stored_with_one_run_simulates_as_one(tmp_path):
+    """A result stored before runs were repeated (one live run, no calibration
+    after it) resimulates on the models it has the windows for."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from bench.sim import fidelity
+
+    src = Path(__file__).resolve().parents[1] / "bench/results/fidelity"
+    case = next(c for c in json.loads((src / "result.json").read_text())["cases"]
+                if c["case"] == "mooncake")
+    run = case.pop("runs")[0]
+    old = {**case, **{k: run[k] for k in ("live", "live_server", "window")}}
+    old.pop("repeat")
+    shutil.copytree(src / "mooncake", tmp_path / "mooncake")
+    out = fidelity.simulate_case(old, tmp_path / "mooncake")
+    assert len(out["runs"]) == 1 and out["repeat"] is None
+    assert set(out["runs"][0]["models"]) == {"calibration", "trace_before", "trace_run"}
+    assert "| trace_run | " in fidelity.markdown({"policy": "taper", "seed": 0, "cases": [out]})

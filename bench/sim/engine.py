@@ -211,8 +211,14 @@ class Engine:
         self.ctl = controller
         self.rng = np.random.default_rng(self.cfg.seed)
         self.gap = self.cfg.gap if self.cfg.gap is not None else getattr(cost, "gap", 0.0)
-        self._speed = None if self.cfg.speed is None else \
-            tuple(np.asarray(x, dtype=float) for x in self.cfg.speed)
+        self._speed = None
+        if self.cfg.speed is not None:
+            times, factors = (np.asarray(x, dtype=float) for x in self.cfg.speed)
+            if not len(times) or len(times) != len(factors) or np.any(np.diff(times) < 0) \
+                    or np.any(factors <= 0):
+                raise ValueError("SimConfig.speed: (times, factors) of one length, at least "
+                                 "one, times ascending, factors above 0")
+            self._speed = (times, factors)
         self.t = 0.0
         self.waiting = WaitingQueue()  # FIFO: admission pops from the left (`queue` appends)
         self._queued: tuple[tuple[int, int], PrefillView] | None = None  # (tokens, version)

@@ -83,7 +83,8 @@ MODELS = (
     ("trace_before", "the server's own steps before the first run (warm-up, calibration "
                      "and SHAPES, step trace), with their gap"),
     ("bracket", "the server's steps in the calibrations (and SHAPES) just before and just "
-                "after the run (out of sample, bracketing it in time)"),
+                "after the run (before the first run: everything before it; out of sample, "
+                "bracketing the run in time)"),
     ("bracket_speed", "the bracket model, its step times scaled every 5 s by the median "
                       "ratio of the run's own decode cycles to it (the host's speed during "
                       "the run, measured from the run: what nothing fitted ahead of time "
@@ -150,14 +151,16 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2) -> 
 
 def windows(case: dict, i: int) -> dict[str, list[tuple[float, float]]]:
     """The step trace's windows each model of MODELS is fitted to, for run `i`
-    (no entry: the model does not exist for this run, e.g. other_run with one
-    run)."""
+    (no entry: the model does not exist for this run: other_run with one run,
+    bracket for a run stored without a calibration after it). Before the first
+    run, bracket takes everything (warm-up, calibration, SHAPES)."""
     runs = case["runs"]
     first = runs[0]["window"][0]
-    before = (-float("inf"), first) if i == 0 else tuple(runs[i - 1]["calibration_after"])
     out = {"trace_before": [(-float("inf"), first)],
-           "bracket": [before, tuple(runs[i]["calibration_after"])],
            "trace_run": [tuple(runs[i]["window"])]}
+    if "calibration_after" in runs[i]:
+        before = (-float("inf"), first) if i == 0 else tuple(runs[i - 1]["calibration_after"])
+        out["bracket"] = [before, tuple(runs[i]["calibration_after"])]
     others = [tuple(r["window"]) for j, r in enumerate(runs) if j != i]
     if others:
         out["other_run"] = others
@@ -176,6 +179,12 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
     from bench.sim.steptrace import Trace, fit_linear, host_speed, parts
 
     name = case["case"]
+    if "runs" not in case:  # stored before runs were repeated (f4c064f): one run
+        case["runs"] = [{k: case.pop(k) for k in ("live", "live_server", "window",
+                                                  "client_cpu_share", "server_cpu_share")
+                         if k in case}]
+        for k in ("models", "rows"):
+            case.pop(k, None)
     ns = case_ns(name, case["policy"], case["seed"], case_dir.parent)
     trace_path = case_dir / "steps.csv"
     cal_path = case_dir / "live_cost_model.json"
@@ -189,10 +198,11 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
             fit_linear(Trace.read_windows(trace_path, wins)).save(
                 paths[key], source=f"server step trace (TAPER_STEP_TRACE), {key}: "
                                    f"windows {wins}")
-        paths["bracket_speed"] = paths["bracket"]
-        speed = {"bracket_speed": host_speed(run_trace,
-                                             costs.load(f"linear:{paths['bracket']}"), t0)}
-        run["host_speed"] = speed["bracket_speed"]
+        speed = {}
+        if "bracket" in paths:
+            paths["bracket_speed"] = paths["bracket"]
+            speed["bracket_speed"] = run["host_speed"] = host_speed(
+                run_trace, costs.load(f"linear:{paths['bracket']}"), t0)
         run["models"] = {}
         for key, what in MODELS:
             if key not in paths:
@@ -313,6 +323,14 @@ def coefficient_rows(case: dict) -> list[str]:
     return out + [""]
 
 
+def _spread(row: dict) -> float:
+    """How far two live runs' figure differ, either one taken as the base."""
+    a, b = row["live"], row["sim"]  # (compare's sim: the second run here)
+    if not a or not b:
+        return 0.0 if a == b else float("inf")
+    return max(abs(b / a - 1), abs(a / b - 1))
+
+
 def scores(result: dict) -> dict[str, tuple[int, int, int]]:
     """Per model: (figures within TARGET, figures within the larger of TARGET
     and the live runs' own difference on that figure, figures)."""
@@ -320,7 +338,7 @@ def scores(result: dict) -> dict[str, tuple[int, int, int]]:
     for key, _ in MODELS:
         ok = ok_noise = n = 0
         for c in result["cases"]:
-            floor = [abs(r["rel_diff"] or 0.0) for r in c["repeat"]] if c.get("repeat") \
+            floor = [_spread(r) for r in c["repeat"]] if c.get("repeat") \
                 else [0.0] * len(FIELDS)
             for run in c["runs"]:
                 m = run.get("models", {}).get(key)
@@ -340,11 +358,13 @@ def markdown(result: dict) -> str:
              f"{100 * TARGET:.0f}% on each figure; a cell per live run (run 1 / run 2).", ""]
     for c in result["cases"]:
         cal = c["calibration"]
-        after = ", ".join(f"{1e3 * r['tpot_after_s']:.2f}" for r in c["runs"])
+        after = ", ".join(f"{1e3 * r['tpot_after_s']:.2f}" for r in c["runs"]
+                          if "tpot_after_s" in r)
+        after = f", {after} ms at the one after each run" if after else ""
         lines += [f"**{c['case']}** (`{' '.join(c['flags']) or 'the default workload'}`, "
                   f"{c['rate']:.3g} programs/s = {c['load']} of capacity; isolated TPOT "
-                  f"{1e3 * cal['tpot_s']:.2f} ms at the first calibration, {after} ms at the "
-                  f"one after each run; TTFT {1e3 * cal['ttft_s']:.1f} ms)", ""]
+                  f"{1e3 * cal['tpot_s']:.2f} ms at the first calibration{after}; TTFT "
+                  f"{1e3 * cal['ttft_s']:.1f} ms)", ""]
         if c.get("sim_error"):
             lines += [f"Not simulated: {c['sim_error']}", ""]
         lines += model_rows(c) + coefficient_rows(c)
@@ -366,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated, of {', '.join(CASES)} (default: all)")
     p.add_argument("--policy", default="taper")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=int, default=2, choices=(1, 2),
                    help="live runs per case, each followed by a calibration (default 2: "
                         "the second run shows how far a repeat moves)")
     p.add_argument("--result-dir", default="results/fidelity")
@@ -376,9 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.resim:
         return resim(Path(ns.result_dir))
-    if ns.repeats < 1:
-        print("fidelity: error: --repeats must be at least 1", file=sys.stderr)
-        return 2
     cases = [c for c in ns.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:

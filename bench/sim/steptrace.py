@@ -37,8 +37,9 @@ class Trace:
 
     @classmethod
     def read_windows(cls, path: str | Path, windows: list[tuple[float, float]]) -> Trace:
-        """The steps launched in any of the windows [t0, t1), in launch order
-        (between two windows the gap reads as idling: fits leave it out)."""
+        """The steps launched in any of the windows [t0, t1), in launch order.
+        Windows further apart than IDLE_S read as idling between them (fits and
+        cycles leave that gap out); closer ones would join into one stretch."""
         rows = []
         for i, line in enumerate(Path(path).read_text().splitlines()):
             parts = line.split(",")
@@ -88,7 +89,7 @@ def parts(tr: Trace, cost, window: float) -> dict:
     pred_at = np.full(len(step), np.nan)
     pred_at[dec] = pred
     i = np.flatnonzero(follow)
-    cycle_ratio = (tr.launch[i + 1] - tr.launch[i]) / pred_at[i]
+    cycle_ratio = (tr.launch[i + 1] - tr.launch[i]) / np.maximum(pred_at[i], 1e-9)
     pre_pred = np.array([cost.prefill(int(t), int(r), float(x))
                          for t, r, x in zip(tr.size[pre], tr.count[pre], tr.context[pre])])
     return {
@@ -112,8 +113,8 @@ def parts(tr: Trace, cost, window: float) -> dict:
 def fit_linear(tr: Trace, name: str = "linear:step-trace"):
     """A LinearCost fitted to a trace's server-side steps. The scheduler's time
     between two steps grows with the batch it just finished (its results
-    processed, streamed and the next batch built: 0.3-0.7 ms after one
-    sequence, 1.5-2 ms after ten, on the CPU engine), so a decode step is
+    processed, streamed and the next batch built: 0.5-0.8 ms on average after
+    one sequence, 1.3-2.0 ms after 10-20, on the CPU engine), so a decode step is
     fitted as the cycle a running request sees, from its launch to the next
     decode step's launch: a + gap + b*seqs + c*kv, where `gap` (the model's
     constant time between steps, which the simulator adds before each decode
@@ -193,4 +194,6 @@ def host_speed(tr: Trace, cost, t0: float, bin_s: float = 5.0,
             last = float(np.median(here))
         times.append(k * bin_s)
         factors.append(last)
+    if not times:  # every cycle before t0
+        return (0.0,), (last,)
     return tuple(times), tuple(factors)
