@@ -102,6 +102,11 @@ def test_fit_recovers_a_known_model(tmp_path):
     for k in "acefgh":
         assert getattr(got, k) == pytest.approx(getattr(true, k), rel=1e-3, abs=1e-9), k
     assert got.gap == pytest.approx(0.001, abs=1e-5) and got.noise < 1e-3
+    from bench.sim import cost as costs  # `taper sim --cost-model trace:PATH`: the same fit
+
+    loaded = costs.load(f"trace:{path}")
+    assert {**loaded.describe(), "name": None} == {**got.describe(), "name": None}
+    assert loaded.name == "trace:steps.csv"
     with pytest.raises(ValueError, match="too few steps"):
         fit_linear(Trace.read(path, 0.0, 10.02))
 

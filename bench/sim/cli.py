@@ -214,7 +214,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     options.add_workload_args(p, DEFAULT_SIM_POLICIES, "results/sim")
     p.add_argument("--cost-model", default=None,
                    help="measured:PATH (a table of decode steps, bench/sim/profiles/), "
-                   "linear:PATH (from taper profile or a live calibration), or "
+                   "linear:PATH (from taper profile or a live calibration), trace:PATH "
+                   "(fitted to a server's TAPER_STEP_TRACE file, as it loads), or "
                    f"analytic:MODEL@GPU (qwen3-8b|qwen3-32b @ h100|h200); default {DEFAULT_COST}"
                    " (or --gpu's)")
     from bench.sim.cost import gpu_profiles

@@ -355,8 +355,14 @@ def gpu_profiles(folder: Path = PROFILES) -> dict[str, tuple[Path, str]]:
 
 
 def load(spec: str) -> CostModel:
-    """`linear:PATH`, `analytic:MODEL@GPU`, `measured:PATH`, or a JSON path."""
+    """`linear:PATH`, `analytic:MODEL@GPU`, `measured:PATH`, `trace:PATH` (a
+    linear model fitted to a server's step trace, `TAPER_STEP_TRACE`), or a
+    JSON path."""
     kind, _, rest = spec.partition(":")
+    if kind == "trace":
+        from bench.sim.steptrace import Trace, fit_linear
+
+        return fit_linear(Trace.read(rest), name=f"trace:{Path(rest).name}")
     if kind == "analytic":
         model, _, gpu = rest.partition("@")
         return AnalyticCost(model, gpu)
@@ -367,8 +373,8 @@ def load(spec: str) -> CostModel:
     if Path(spec).is_file():
         data = json.loads(Path(spec).read_text())
         return MeasuredCost(spec) if "decode_s" in data else LinearCost.load(spec)
-    raise ValueError(f"unknown cost model {spec!r}: use linear:PATH, analytic:MODEL@GPU "
-                     f"or measured:PATH")
+    raise ValueError(f"unknown cost model {spec!r}: use linear:PATH, analytic:MODEL@GPU, "
+                     f"measured:PATH or trace:PATH")
 
 
 def check(model: CostModel) -> None:
