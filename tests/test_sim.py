@@ -54,6 +54,15 @@ def test_off_is_one_branch_per_group_and_eager_is_wider():
     assert eager["mean_width"] > off["mean_width"]
 
 
+def test_mean_width_counts_the_steps_with_branches_as_the_live_server():
+    """One program alone under off: every step with a branch in it decodes one
+    (its group's base); the serial stages' steps do not dilute the figure."""
+    cost = costs.load(f"measured:{PROFILE}")
+    server = simulate(workload(1), cost, "off")["server"]
+    assert 0 < server["regulated_steps"] < server["decode_steps"]
+    assert server["mean_width"] == 1.0
+
+
 def test_taper_keeps_critical_tpot_and_beats_off_under_load():
     cost = costs.load(f"measured:{PROFILE}")
     res = {p: summarize(simulate(workload(120, rate=1.5), cost, p)["records"], SLOSpec())

@@ -233,6 +233,7 @@ class Engine:
         self.kv_used = 0
         self.steps = {"prefill": 0, "decode": 0}
         self.branch_steps = 0
+        self.regulated_steps = 0  # decode steps with a branch in them (the live counter's)
         self.held_steps = 0
         self.deferred_prefills = 0  # passes where the controller chose decode over prefill
         self._gated = controller.gates_prefill
@@ -385,7 +386,9 @@ class Engine:
         self.t = start + dt
         self.steps["decode"] += 1
         self.decode_time += dt
-        self.branch_steps += int(np.count_nonzero(in_group))
+        branches = int(np.count_nonzero(in_group))
+        self.branch_steps += branches
+        self.regulated_steps += branches > 0
         self.held_steps += len(d.held)
         self.ctl.observe(StepResult(d, step_time=dt, end=self.t))
         done = self.running.advance(keep, self.t)

@@ -59,9 +59,12 @@ def simulate(programs: list[Program], cost: CostModel, policy: str,
 
 def server_figures(engines: list[Engine], end: float) -> dict:
     """The engines' step counters, summed (`mean_width`: branches per decode
-    step; `sim_end_s`: seconds, when the last step ended)."""
+    step with a branch in it, as the live server counts it, bench/server_stats.py;
+    `sim_end_s`: seconds, when the last step ended)."""
     decode = sum(e.steps["decode"] for e in engines)
-    return {"mean_width": sum(e.branch_steps for e in engines) / max(1, decode),
+    regulated = sum(e.regulated_steps for e in engines)
+    return {"mean_width": sum(e.branch_steps for e in engines) / max(1, regulated),
+            "regulated_steps": regulated,
             "held_branch_steps": sum(e.held_steps for e in engines), "decode_steps": decode,
             "prefill_steps": sum(e.steps["prefill"] for e in engines),
             "deferred_prefills": sum(e.deferred_prefills for e in engines),
