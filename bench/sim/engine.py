@@ -305,11 +305,8 @@ class Engine:
     def _prefill(self, n: int, tokens: int) -> None:
         """One prefill step of the first `n` waiting requests, `tokens` tokens."""
         batch = [self.waiting.popleft() for _ in range(n)]
-        t_prefill = self.cost.prefill(tokens, len(batch), sum(r.context for r in batch))
-        gap = self.gap
-        if self._speed is not None:
-            k = self._speed_at(self.t)
-            t_prefill, gap = t_prefill * k, gap * k
+        t_prefill, gap = self._at_speed(
+            self.cost.prefill(tokens, len(batch), sum(r.context for r in batch)))
         self.ctl.observe_prefill(tokens, t_prefill)
         self.t += t_prefill + gap
         self.steps["prefill"] += 1
@@ -356,9 +353,14 @@ class Engine:
         return (float(prefix[two].sum()), kv_eff, self._two_level_s * two_reads,
                 bool(two.any()))
 
-    def _speed_at(self, t: float) -> float:
+    def _at_speed(self, dt: float) -> tuple[float, float]:
+        """A step of `dt` seconds and the gap before or after it at the host's
+        speed now (SimConfig.speed; as they are without one)."""
+        if self._speed is None:
+            return dt, self.gap
         times, factors = self._speed
-        return float(factors[max(0, int(np.searchsorted(times, t, side="right")) - 1)])
+        k = float(factors[max(0, int(np.searchsorted(times, self.t, side="right")) - 1)])
+        return dt * k, self.gap * k
 
     def _release(self, r: _Req) -> None:
         self.kv_used -= r.new_tokens + r.max_new
@@ -378,10 +380,7 @@ class Engine:
         dt = self.cost.decode(len(keep), kv_eff, uniq, two_level) + extra
         if self.cost.step_noise:
             dt *= max(0.2, 1.0 + self.cost.step_noise * self.rng.standard_normal())
-        gap = self.gap
-        if self._speed is not None:
-            k = self._speed_at(self.t)
-            dt, gap = dt * k, gap * k
+        dt, gap = self._at_speed(dt)
         start = self.t + gap
         self.t = start + dt
         self.steps["decode"] += 1

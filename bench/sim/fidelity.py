@@ -198,11 +198,12 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
             fit_linear(Trace.read_windows(trace_path, wins)).save(
                 paths[key], source=f"server step trace (TAPER_STEP_TRACE), {key}: "
                                    f"windows {wins}")
+        models = {key: costs.load(f"linear:{path}") for key, path in paths.items()}
         speed = {}
         if "bracket" in paths:
-            paths["bracket_speed"] = paths["bracket"]
-            speed["bracket_speed"] = run["host_speed"] = host_speed(
-                run_trace, costs.load(f"linear:{paths['bracket']}"), t0)
+            paths["bracket_speed"], models["bracket_speed"] = paths["bracket"], models["bracket"]
+            speed["bracket_speed"] = run["host_speed"] = host_speed(run_trace,
+                                                                    models["bracket"], t0)
         run["models"] = {}
         for key, what in MODELS:
             if key not in paths:
@@ -215,7 +216,7 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                 "host_speed": speed.get(key)})
             sim = run_sim(sim_ns, calibration=bench_cli.sim_calibration(case["calibration"]))
             sim_run = sim["runs"][0]
-            model = costs.load(f"linear:{paths[key]}")
+            model = models[key]
             made_of = parts(run_trace, model, t1 - t0)
             made_of["client_cpu_share"] = run.get("client_cpu_share")
             made_of["server_cpu_share"] = run.get("server_cpu_share")

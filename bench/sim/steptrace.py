@@ -64,6 +64,26 @@ def _pct(x: np.ndarray) -> dict:
             "p90": float(np.percentile(x, 90)), "p99": float(np.percentile(x, 99))}
 
 
+def _decode_pairs(tr: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """The decode steps a decode step follows without idling: their indices and
+    the time from their launch to the next one's (the cycle a running request
+    sees)."""
+    if len(tr.kind) < 2:
+        return np.zeros(0, dtype=int), np.zeros(0)
+    dec = tr.kind == "d"
+    i = np.flatnonzero(dec[:-1] & dec[1:] & (tr.launch[1:] - tr.end[:-1] < IDLE_S))
+    return i, tr.launch[i + 1] - tr.launch[i]
+
+
+def _over_model(tr: Trace, cost, i: np.ndarray, cycle: np.ndarray) -> np.ndarray:
+    """Decode cycles (`_decode_pairs`) over the model's decode step and gap at
+    their steps' (sequences, KV): the simulator's time from launch to launch."""
+    g = getattr(cost, "gap", 0.0)
+    model = np.array([cost.decode(int(n), float(kv)) + g
+                      for n, kv in zip(tr.size[i], tr.count[i])])
+    return cycle / np.maximum(model, 1e-9)
+
+
 def parts(tr: Trace, cost, window: float) -> dict:
     """The trace's make-up (seconds) against `cost` (a simulator cost model)."""
     dec = tr.kind == "d"
@@ -85,11 +105,7 @@ def parts(tr: Trace, cost, window: float) -> dict:
     gap0 = getattr(cost, "gap", 0.0)
     pred = np.array([cost.decode(int(n), float(kv)) + gap0
                      for n, kv in zip(tr.size[dec], tr.count[dec])])
-    follow = dec[:-1] & dec[1:] & (gap < IDLE_S) if len(gap) else np.zeros(0, bool)
-    pred_at = np.full(len(step), np.nan)
-    pred_at[dec] = pred
-    i = np.flatnonzero(follow)
-    cycle_ratio = (tr.launch[i + 1] - tr.launch[i]) / np.maximum(pred_at[i], 1e-9)
+    cycle_ratio = _over_model(tr, cost, *_decode_pairs(tr))
     pre_pred = np.array([cost.prefill(int(t), int(r), float(x))
                          for t, r, x in zip(tr.size[pre], tr.count[pre], tr.context[pre])])
     return {
@@ -152,9 +168,9 @@ def fit_linear(tr: Trace, name: str = "linear:step-trace"):
     gap0 = max(0.0, float(np.median(after_prefill if len(after_prefill) else every))) \
         if len(every) else 0.0
     # A decode step's cycle: to the next step's launch when that is a decode step.
-    cyc = np.flatnonzero(dec[:-1] & dec[1:] & busy)
+    cyc, cycle = _decode_pairs(tr)
     if len(cyc) >= 3:
-        n, kv, y = tr.size[cyc], tr.count[cyc], tr.launch[cyc + 1] - tr.launch[cyc]
+        n, kv, y = tr.size[cyc], tr.count[cyc], cycle
     else:  # too few decode steps in a row: their own times, the constant gap added
         n, kv, y = tr.size[dec], tr.count[dec], step[dec] + gap0
     a, b, c = nnls([np.ones(len(y)), n, kv], y)
@@ -174,17 +190,10 @@ def host_speed(tr: Trace, cost, t0: float, bin_s: float = 5.0,
     model's decode step and gap at the same (sequences, KV). A bin with fewer
     than `min_cycles` cycles keeps the last factor (the first: all cycles'
     median, 1.0 without any)."""
-    dec = tr.kind == "d"
-    if len(tr.kind) < 2:
-        return (0.0,), (1.0,)
-    gap = tr.launch[1:] - tr.end[:-1]
-    i = np.flatnonzero(dec[:-1] & dec[1:] & (gap < IDLE_S))
+    i, cycle = _decode_pairs(tr)
     if not len(i):
         return (0.0,), (1.0,)
-    g = getattr(cost, "gap", 0.0)
-    model = np.array([cost.decode(int(n), float(kv)) + g
-                      for n, kv in zip(tr.size[i], tr.count[i])])
-    ratio = (tr.launch[i + 1] - tr.launch[i]) / np.maximum(model, 1e-9)
+    ratio = _over_model(tr, cost, i, cycle)
     b = np.floor((tr.launch[i] - t0) / bin_s).astype(int)
     last = float(np.median(ratio))
     times, factors = [], []
