@@ -218,9 +218,14 @@ def test_fidelity_cases_parse_as_taper_bench_and_compare_figure_by_figure(capsys
     from bench import options
     from bench.sim import fidelity
 
-    for flags, load in fidelity.CASES.values():  # every case is a valid live command
-        ns = bench_cli.parse([*flags, "--policies", "taper", "--request-rate", load])
-        options.validate(ns, live=True)
+    for name, (_, programs, load) in fidelity.CASES.items():  # every case: a live command
+        for scale in (1, 3):
+            ns = bench_cli.parse([*fidelity.case_flags(name, scale), "--policies", "taper",
+                                  "--request-rate", load])
+            options.validate(ns, live=True)
+            assert ns.num_prompts == programs * scale
+    with pytest.raises(SystemExit):
+        fidelity.main(["--scale", "0"])
     live = {"goodput": 0.5, "slo_attainment": 1.0, "tpot_s": {"p50": 0.01, "p99": 0.02}}
     sim = {"goodput": 0.55, "slo_attainment": 0.9, "tpot_s": {"p50": 0.01, "p99": 0.03}}
     rows = fidelity.compare(live, sim)

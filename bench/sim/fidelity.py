@@ -1,7 +1,8 @@
 """Simulated vs live, workload by workload (CPU engine): `python -m bench.sim.fidelity`.
 
     .venv/bin/python -m bench.sim.fidelity [--cases default,parallel-reasoning,mooncake]
-        [--policy taper] [--seed 0] [--repeats 2] [--result-dir DIR (default results/fidelity)]
+        [--policy taper] [--seed 0] [--repeats 2] [--scale 1]
+        [--result-dir DIR (default results/fidelity)]
 
 Per case (a `taper bench` workload and a load, `CASES`): a fresh `taper serve`
 with its step trace on is calibrated (its isolated TTFT/TPOT set the SLOs),
@@ -38,14 +39,22 @@ FIELDS = (("goodput", lambda s: s["goodput"]), ("attainment", lambda s: s["slo_a
 TARGET = 0.10  # |sim/live - 1| on every figure
 
 MOONCAKE = "mooncake:bench/data/mooncake_conversation_sample.jsonl"
-# name -> (taper bench's workload flags, load: a share of the measured capacity)
-CASES: dict[str, tuple[list[str], str]] = {
-    "default": ([], "35%"),
+# name -> (taper bench's workload flags, programs per live run at --scale 1,
+# load: a share of the measured capacity)
+CASES: dict[str, tuple[list[str], int, str]] = {
+    "default": ([], 40, "35%"),
     "parallel-reasoning": (["--workload", "parallel-reasoning", "--length-scale", "1",
-                            "--branch-tokens", "64,256", "--num-prompts", "20"], "30%"),
-    "mooncake": (["--dataset", MOONCAKE, "--num-prompts", "40", "--length-scale", "0.1",
-                  "--max-prompt-tokens", "6000", "--branch-tokens", "320,1280"], "2.5%"),
+                            "--branch-tokens", "64,256"], 20, "30%"),
+    "mooncake": (["--dataset", MOONCAKE, "--length-scale", "0.1",
+                  "--max-prompt-tokens", "6000", "--branch-tokens", "320,1280"], 40, "2.5%"),
 }
+
+
+def case_flags(name: str, scale: int = 1) -> list[str]:
+    """The case's workload flags with its programs times `scale` (a trace: its
+    first N requests)."""
+    flags, programs, _ = CASES[name]
+    return [*flags, "--num-prompts", str(programs * scale)]
 
 
 def compare(live: dict, sim: dict) -> list[dict]:
@@ -58,13 +67,13 @@ def compare(live: dict, sim: dict) -> list[dict]:
     return rows
 
 
-def case_ns(name: str, policy: str, seed: int, out: Path) -> argparse.Namespace:
+def case_ns(name: str, policy: str, seed: int, out: Path, scale: int = 1) -> argparse.Namespace:
     """The case's `taper bench` options, validated (ValueError: a bad one)."""
     from bench import cli as bench_cli
     from bench import options
 
-    flags, load = CASES[name]
-    ns = bench_cli.parse([*flags, "--policies", policy, "--seed", str(seed),
+    load = CASES[name][2]
+    ns = bench_cli.parse([*case_flags(name, scale), "--policies", policy, "--seed", str(seed),
                           "--request-rate", load, "--result-dir", str(out / name),
                           "--no-plots"])
     options.validate(ns, live=True)
@@ -96,7 +105,8 @@ MODELS = (
 )
 
 
-def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2) -> dict:
+def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
+             scale: int = 1) -> dict:
     """The live half of a case: a traced server, calibrated, then `repeats`
     times the workload at the case's load and the calibration again
     (`simulate_case` is the other half). Times are the client's monotonic
@@ -105,10 +115,10 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2) -> 
     from bench import options
     from sglang_taper.adapter.runtime import ENV_TRACE
 
-    flags, load = CASES[name]
+    load = CASES[name][2]
     case_dir = out / name
     case_dir.mkdir(parents=True, exist_ok=True)
-    ns = case_ns(name, policy, seed, out)
+    ns = case_ns(name, policy, seed, out, scale)
     bench = bench_cli.LiveBench(ns)
     trace_path = case_dir / "steps.csv"
     trace_path.unlink(missing_ok=True)
@@ -144,8 +154,8 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2) -> 
             os.environ.pop(ENV_TRACE, None)
         else:
             os.environ[ENV_TRACE] = before
-    return {"case": name, "flags": flags, "load": load, "rate": rate, "policy": policy,
-            "seed": seed, "calibration": bench.result["calibration"],
+    return {"case": name, "flags": case_flags(name, scale), "scale": scale, "load": load,
+            "rate": rate, "policy": policy, "seed": seed, "calibration": bench.result["calibration"],
             "slo": bench.result["slo"], "runs": runs}
 
 
@@ -185,7 +195,7 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                          if k in case}]
         for k in ("models", "rows"):
             case.pop(k, None)
-    ns = case_ns(name, case["policy"], case["seed"], case_dir.parent)
+    ns = case_ns(name, case["policy"], case["seed"], case_dir.parent, case.get("scale", 1))
     trace_path = case_dir / "steps.csv"
     cal_path = case_dir / "live_cost_model.json"
     cal_path.write_text(json.dumps(case["calibration"]["fit"], indent=1))
@@ -390,11 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, choices=(1, 2),
                    help="live runs per case, each followed by a calibration (default 2: "
                         "the second run shows how far a repeat moves)")
+    p.add_argument("--scale", type=int, default=1,
+                   help="programs per live run times this (default 1: 40, 20 and 40; a "
+                        "p50/p99 of a few dozen programs hinges on a request or two)")
     p.add_argument("--result-dir", default="results/fidelity")
     p.add_argument("--resim", action="store_true",
                    help="no live runs: simulate again the cases stored in --result-dir "
                         "(result.json and each case's steps.csv), e.g. after a model change")
     ns = p.parse_args(argv)
+    if ns.scale < 1:
+        p.error(f"--scale must be >= 1, got {ns.scale}")
     if ns.resim:
         return resim(Path(ns.result_dir))
     cases = [c for c in ns.cases.split(",") if c]
@@ -406,16 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.result_dir)
     try:  # every case's options before the first server starts
         for name in cases:
-            case_ns(name, ns.policy, ns.seed, out)
+            case_ns(name, ns.policy, ns.seed, out, ns.scale)
     except ValueError as e:
         print(f"fidelity: error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     result = {"kind": "fidelity", "argv": sys.argv[1:], "policy": ns.policy, "seed": ns.seed,
-              "repeats": ns.repeats, "cases": []}
+              "repeats": ns.repeats, "scale": ns.scale, "cases": []}
     for name in cases:
-        case = run_case(name, ns.policy, ns.seed, out, ns.repeats)
+        case = run_case(name, ns.policy, ns.seed, out, ns.repeats, ns.scale)
         result["cases"].append(case)  # the live run is kept even if simulating it fails
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
         _simulate_or_note(case, out / name)
