@@ -48,6 +48,12 @@ def test_every_section_measures_and_two_level_tokens_agree(cpu_check, tmp_path_f
     dec = data["decode"]
     assert all(x is not None and x > 0 for row in dec["decode_s"] for x in row)
     assert len(data["prefill"]["cells"]) == 2
+    cached = data["prefill_cached"]
+    assert cached["check_rel_err"] < 1e-5 and cached["check_rel_err_paged"] < 1e-5
+    assert [(c["reqs"], c["tokens"], c["cached"]) for c in cached["cells"]] == \
+        [(1, 4, 0), (1, 4, 60), (3, 4, 0), (3, 4, 60), (2, 16, 30)]
+    assert all(c[k] > 0 for c in cached["cells"] for k in ("prefill_s", "graph_s",
+                                                            "graph_paged_s"))
     assert {(r["width"], r["prefix"]) for r in data["cascade_attention"]} == \
         {(2, 30), (2, 70), (4, 30), (4, 70)}
     # float32: the same greedy tokens with plain and two-level attention
@@ -58,6 +64,7 @@ def test_every_section_measures_and_two_level_tokens_agree(cpu_check, tmp_path_f
     (runs / "run1" / "profile.json").write_text(json.dumps(data))
     built = build_profile.build(runs)
     assert built["source"]["decode"] == "run1" and built["cascade"]["grid"]
+    assert built["prefill_cached"]["cells"] == cached["cells"]
 
 
 def test_unmeasured_cells_extend_their_row_and_prefill_reads_the_cells(tmp_path):
@@ -105,6 +112,39 @@ def test_the_shipped_full_profile():
         got = m.prefill(cell["reqs"] * cell["tokens"], cell["reqs"])
         assert got == pytest.approx(cell["prefill_s"], rel=0.02)
     assert data["cascade"]["min_prefix"] == sorted(data["cascade"]["min_prefix"], reverse=True)
+
+
+def test_cached_context_adds_its_reads_and_attention_to_a_prefill(tmp_path):
+    """CachedPrefill: per request, cached x (read + pair x new tokens), fitted
+    to the better attention of each cell less the same cell over no context;
+    a prompt with nothing cached costs what the fresh-prompt cells say."""
+    read, pair = 2e-7, 5e-9
+
+    def cell(reqs, tokens, cached, slower=0.0):
+        t = 0.03 + 0.001 * reqs + reqs * cached * (read + pair * tokens)
+        return {"reqs": reqs, "tokens": tokens, "cached": cached, "prefill_s": 9.0,
+                "graph_s": t + slower, "graph_paged_s": t}  # the paged one is the better
+
+    cells = [cell(r, t, c, slower=0.01 * c / 4096) for r, t in ((1, 8), (8, 8), (4, 256))
+             for c in (0, 1024, 4096)]
+    fit = costs.CachedPrefill(cells)
+    assert fit.read == pytest.approx(read) and fit.pair == pytest.approx(pair)
+    assert fit(64, 8, 64) == 0.0  # nothing cached
+    assert fit(64, 8, 8 * (1000 + 8)) == pytest.approx(8000 * (read + pair * 8))
+    with pytest.raises(ValueError, match="two with cached context"):
+        costs.CachedPrefill(cells[:2])
+    data = json.loads(FULL.read_text())
+    m = _profile_with(tmp_path, prefill_cached={"cells": cells})
+    plain = _profile_with(tmp_path, prefill_cached=None)
+    assert m.prefill(64, 8, 64) == plain.prefill(64, 8, 64) == plain.prefill(64, 8)
+    assert m.prefill(64, 8, 8064) == pytest.approx(plain.prefill(64, 8) + fit(64, 8, 8064))
+    assert "over cached context" in m.describe()["prefill_model"]
+    # the shipped profile: the better of its two attentions within 20% of each cell
+    shipped = costs.CachedPrefill(data["prefill_cached"]["cells"])
+    for r in shipped.rows:
+        tokens, reqs = r["reqs"] * r["tokens"], r["reqs"]
+        got = r["base_s"] + shipped(tokens, reqs, reqs * (r["tokens"] + r["cached"]))
+        assert got == pytest.approx(r["step_s"], rel=0.2), r
 
 
 def _profile_with(tmp_path, **changes) -> costs.MeasuredCost:

@@ -209,7 +209,8 @@ def test_taper_sim_gpu_flag(tmp_path, capsys):
     assert cli.main(args + ["--gpu", "h200"]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["cost_model"]["name"] == "measured:h200_qwen3_32b_full.json"
-    assert result["cost_model"]["prefill_model"] == "measured cells"
+    assert result["cost_model"]["prefill_model"] == \
+        "measured cells (fresh prompts and over cached context)"
     assert plan.main(["--rate", "0", "--gpu", "h200"]) == 2
 
 

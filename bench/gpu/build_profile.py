@@ -5,7 +5,8 @@
 
 Reads RUN/profile.json of each run folder given (runs of
 bench/gpu/h200_full_profile.py) and takes, per section, the latest run that
-has it: the decode table, the prefill cells, the cascade attention grid (from
+has it: the decode table, the prefill cells (fresh prompts, and over cached
+context), the cascade attention grid (from
 which the cascade gate's per-width thresholds are derived, as `taper profile`
 derives the CPU engine's) and the whole cascade steps. Decode tables of
 several runs are compared cell by cell (`decode_run_spread`).
@@ -93,6 +94,10 @@ def build(folder: Path) -> dict:
     runs = load_runs(folder)
     dec_run, dec = latest(runs, "decode")
     pre_run, pre = latest(runs, "prefill")
+    try:  # runs before the section existed have none: the prompt's cached part then is free
+        cached_run, cached = latest(runs, "prefill_cached")
+    except ValueError:
+        cached_run, cached = None, None
     att_run, grid = latest(runs, "cascade_attention")
     step_run, steps = latest(runs, "cascade_steps")
     meta = dict(runs[-1][1])
@@ -120,6 +125,14 @@ def build(folder: Path) -> dict:
         "prefill": {"cells": pre["cells"], "attention": pre["attention"],
                     "method": "eager (as SGLang prefills): reqs fresh prompts of `tokens` "
                               "tokens each, causal flash attention, logits of last tokens"},
+        "prefill_cached": None if cached is None else {
+            "cells": cached["cells"], "attention": cached["attention"],
+            "attention_paged": cached.get("attention_paged"),
+            "method": "reqs requests of `tokens` new tokens, each over `cached` tokens of its "
+                      "own in the pool, lower-right causal: eager with SDPA flash "
+                      "(prefill_s), CUDA-graph replays with it (graph_s) and with a split-K "
+                      "paged kernel for the cached part (graph_paged_s); the simulator "
+                      "takes the better per cell (bench/sim/cost.CachedPrefill)"},
         "cascade": {**gate.to_dict(),
                     "rule": "two-level iff prefix >= min_prefix of the widest width <= the "
                             "group's (null: never); from where plain/two-level attention "
@@ -132,7 +145,8 @@ def build(folder: Path) -> dict:
         "shared_reread": fit["shared_reread"],
         "two_level_s_per_token": fit["two_level_s_per_token"],
         "sharing_fit": fit["sharing_fit"],
-        "source": {"decode": dec_run, "prefill": pre_run, "cascade_attention": att_run,
+        "source": {"decode": dec_run, "prefill": pre_run, "prefill_cached": cached_run,
+                   "cascade_attention": att_run,
                    "cascade_steps": step_run,
                    "runs": [name for name, _ in runs]},
     }

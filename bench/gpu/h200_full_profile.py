@@ -11,6 +11,10 @@ scaling, over a paged (token-granular) KV pool.
 2. prefill steps (eager, as SGLang runs prefill): `reqs` fresh prompts of
    `tokens` tokens each, causal flash attention (torch SDPA), K/V written to
    the pool, logits of each prompt's last token.
+2b. prefill steps over cached context (a fork's branch prefills): `reqs`
+   requests of `new` tokens, each over `cached` tokens of its own already in
+   the pool (a radix-cache hit: the prefix's K/V is read, not computed),
+   attention lower-right causal over cached + new.
 3. two-level (cascade) attention of one branch group, per layer: plain paged
    attention over each branch's prefix+suffix vs the prefix read once for the
    whole group plus each branch's suffix, merged by log-sum-exp; widths 2-64 x
@@ -51,13 +55,22 @@ GRID = dict(batches=[1, 2, 4, 8, 16, 32, 64, 128, 256],
             contexts=[512, 1024, 2048, 4096, 8192, 16384, 32768],
             prefill=[(1, 64), (1, 256), (1, 1024), (1, 4096), (1, 16384), (4, 256), (4, 1024),
                      (4, 4096), (16, 64), (16, 256), (16, 1024)],
+            # (reqs, new tokens each, cached tokens each): branch prompts of a few
+            # tokens over a shared context, and longer additions (tool results)
+            prefill_cached=[(1, 8, 0), (1, 8, 1024), (1, 8, 4096), (1, 8, 16384),
+                            (1, 8, 32768), (8, 8, 0), (8, 8, 1024), (8, 8, 4096),
+                            (8, 8, 16384), (32, 8, 0), (32, 8, 1024), (32, 8, 4096),
+                            (64, 8, 0), (64, 8, 2048), (1, 256, 0), (1, 256, 4096),
+                            (1, 256, 16384), (8, 256, 0), (8, 256, 4096), (8, 256, 16384)],
             widths=[2, 4, 8, 16, 32, 64],
             prefixes=[256, 512, 1024, 2048, 4096, 8192, 16384, 32768],
             suffix=256,
             # (groups, width, prefix) per batch; suffix as above
             cascade_steps=[(1, 64, 4096), (4, 16, 4096), (16, 4, 4096), (8, 8, 1024),
                            (2, 32, 16384), (32, 2, 2048), (4, 8, 8192), (64, 2, 512)])
-CPU_GRID = dict(batches=[1, 3], contexts=[40, 100], prefill=[(1, 20), (2, 33)], widths=[2, 4],
+CPU_GRID = dict(batches=[1, 3], contexts=[40, 100], prefill=[(1, 20), (2, 33)],
+                prefill_cached=[(1, 4, 0), (1, 4, 60), (3, 4, 0), (3, 4, 60), (2, 16, 30)],
+                widths=[2, 4],
                 prefixes=[30, 70], suffix=9, cascade_steps=[(2, 2, 30), (1, 4, 70)])
 
 
@@ -338,6 +351,159 @@ def prefill_grid(p: Profile, m: Model, grid: dict) -> None:
         p.save()
 
 
+def _lower_right(qq, k, v, tried: list, ways):
+    """Attention of queries qq [R, H, new, D] over k/v [R, KVH, L, D], the
+    queries being the last `new` of L positions (lower-right causal): the way
+    that ran last time (`tried[-1]`), else the first of `ways` that runs (its
+    name appended to `tried`), so that timed calls raise nothing."""
+    if tried:
+        return dict(ways)[tried[-1]](qq, k, v)
+    for name, fn in ways:
+        try:
+            o = fn(qq, k, v)
+        except RuntimeError:
+            continue
+        tried.append(name)
+        return o
+    raise RuntimeError("no lower-right causal attention ran: " + ", ".join(n for n, _ in ways))
+
+
+def _cached_ways(H: int, KVH: int, dev):
+    """Lower-right causal attention, fastest first: SDPA with torch's
+    lower-right causal bias (flash on the GPU) with GQA, then with K/V heads
+    repeated, then an explicit mask (any backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    flash = [SDPBackend.FLASH_ATTENTION] if dev == "cuda" else [SDPBackend.MATH]
+
+    def rep(t):
+        return t.repeat_interleave(H // KVH, dim=1)
+
+    def bias(qq, k, v, gqa):
+        with sdpa_kernel(flash):
+            m = causal_lower_right(qq.shape[2], k.shape[2])
+            if gqa:
+                return F.scaled_dot_product_attention(qq, k, v, attn_mask=m, enable_gqa=True)
+            return F.scaled_dot_product_attention(qq, rep(k), rep(v), attn_mask=m)
+
+    def masked(qq, k, v):
+        new, L = qq.shape[2], k.shape[2]
+        mask = torch.ones(new, L, dtype=torch.bool, device=qq.device).tril(L - new)
+        return F.scaled_dot_product_attention(qq, rep(k), rep(v), attn_mask=mask)
+
+    return [("sdpa causal_lower_right, enable_gqa", functools.partial(bias, gqa=True)),
+            ("sdpa causal_lower_right, repeat_kv", functools.partial(bias, gqa=False)),
+            ("sdpa bool mask, repeat_kv", masked)]
+
+
+def paged_cached(reqs: int, new: int, cached: int, H: int, KVH: int, D: int, dev, dtype):
+    """Lower-right causal attention of `reqs` requests of `new` tokens over
+    pool rows laid out request by request (`cached` rows, then the `new`
+    ones), split-K as a paged extend kernel reads a long cached prefix: the
+    cached rows through the paged flash-decode kernel (one sequence per
+    request, rows = new tokens x query heads per KV head, so each request's
+    prefix is read once for all its new tokens, in KV splits over the SMs),
+    each request's new tokens over themselves in torch, the two merged by
+    log-sum-exp. fn(q [reqs*new, H, D], k_pool, v_pool) -> like q."""
+    G, L = H // KVH, cached + new
+    r = torch.arange(reqs, device=dev)[:, None] * L
+    indices = (r + torch.arange(cached, device=dev)[None, :]).reshape(-1).to(torch.int32)
+    own = (r + cached + torch.arange(new, device=dev)[None, :]).reshape(-1)
+    indptr = _ptr(reqs, cached, dev)
+    dec = pa.Decode(reqs, KVH, new * G, D, cached, dev, dtype, sms(), group_q=G) \
+        if cached else None
+    mask = torch.ones(new, new, dtype=torch.bool, device=dev).tril()
+
+    def fn(q, kp, vp):
+        qg = q.view(reqs, new, KVH, G, D).float()
+        k = kp[own].view(reqs, new, KVH, D).float()
+        v = vp[own].view(reqs, new, KVH, D).float()
+        sc = torch.einsum("rtkgd,rskd->rkgts", qg, k) / D ** 0.5
+        sc = sc.masked_fill(~mask, float("-inf"))
+        o = torch.einsum("rkgts,rskd->rkgtd", sc.softmax(-1), v)  # [reqs, KVH, G, new, D]
+        if dec is not None:
+            o1, l1 = dec(q.reshape(reqs * new, KVH, G, D), kp, vp, indptr, indices)
+            o1 = o1.view(reqs, KVH, new, G, D).transpose(2, 3)
+            l1 = l1.view(reqs, KVH, new, G).transpose(2, 3)
+            o = pa.merge(o1.float(), l1, o, torch.logsumexp(sc, -1))
+        return o.permute(0, 3, 1, 2, 4).reshape(reqs * new, H, D).to(dtype)
+
+    return fn
+
+
+def prefill_cached(p: Profile, m: Model, grid: dict) -> None:
+    """Prefill steps over cached context: `reqs` requests of `new` tokens, each
+    over its own `cached` tokens already in the pool (laid out request by
+    request: cached rows, then the new ones, which the step writes), timed
+    eager with torch SDPA's lower-right causal flash attention (one pass per
+    request and head, its KV not split: a long prefix read by few programs),
+    and as CUDA-graph replays (the GPU's time without the host's launches)
+    with it and with `paged_cached` (split-K, as a paged extend kernel). First
+    both attentions checked against float64 on a small case."""
+    c, dev = m.c, m.dev
+    H, KVH, D = c["heads"], c["kv_heads"], c["head_dim"]
+    ways = _cached_ways(H, KVH, dev)
+    tried: list[str] = []
+    sec = p.data["prefill_cached"] = {"cells": [], "attention": tried,
+                                      "attention_paged": "paged_cached (split-K, "
+                                                         "bench/gpu/paged_attention.Decode)"}
+    torch.manual_seed(2)
+    R, new, cached = 2, 5, 70
+    L = cached + new
+    kp = torch.randn(R * L, KVH, D, device=dev, dtype=m.dtype)
+    vp = torch.randn(R * L, KVH, D, device=dev, dtype=m.dtype)
+    q = torch.randn(R * new, H, D, device=dev, dtype=m.dtype)
+    qq = q.view(R, new, H, D).transpose(1, 2)
+    kk, vv = (t.view(R, L, KVH, D).transpose(1, 2) for t in (kp, vp))
+    sdpa = _lower_right(qq, kk, vv, tried, ways).transpose(1, 2)
+    paged = paged_cached(R, new, cached, H, KVH, D, dev, m.dtype)(q, kp, vp).view(R, new, H, D)
+    k64, v64 = (t.double().repeat_interleave(H // KVH, dim=1) for t in (kk, vv))
+    sc = (qq.double() @ k64.transpose(-1, -2)) / D ** 0.5
+    sc = sc.masked_fill(~torch.ones(new, L, dtype=torch.bool, device=dev).tril(L - new),
+                        float("-inf"))
+    ref = (sc.softmax(-1) @ v64).transpose(1, 2)
+    sec["check_rel_err"] = _rel(sdpa, ref)
+    sec["check_rel_err_paged"] = _rel(paged, ref)
+    print(f"prefill over cached context: attention check rel err {sec['check_rel_err']:.2e} "
+          f"({tried[-1]}), paged split-K {sec['check_rel_err_paged']:.2e}", flush=True)
+    for reqs, new, cached in grid["prefill_cached"]:
+        L = cached + new
+        if p.left() < 30 or reqs * L > m.pool_tokens:
+            continue
+        n = reqs * new
+        ids = torch.zeros(n, device=dev, dtype=torch.long)
+        positions = (cached + torch.arange(new, device=dev)).repeat(reqs)
+        out_loc = (torch.arange(reqs, device=dev)[:, None] * L + cached
+                   + torch.arange(new, device=dev)[None, :]).reshape(-1)
+        last = torch.arange(1, reqs + 1, device=dev) * new - 1
+
+        def attend(i, q, reqs=reqs, new=new, L=L):
+            qq = q.view(reqs, new, H, D).transpose(1, 2)
+            k = m.k[i][:reqs * L].view(reqs, L, KVH, D).transpose(1, 2)
+            v = m.v[i][:reqs * L].view(reqs, L, KVH, D).transpose(1, 2)
+            return _lower_right(qq, k, v, tried, ways).transpose(1, 2)
+
+        fn = paged_cached(reqs, new, cached, H, KVH, D, dev, m.dtype)
+
+        def attend_paged(i, q, fn=fn):
+            return fn(q, m.k[i], m.v[i])
+
+        reps = 3 if reqs * L >= 65536 else 5
+        step = functools.partial(m.forward, ids, positions, out_loc, attend, last)
+        step_paged = functools.partial(m.forward, ids, positions, out_loc, attend_paged, last)
+        # eager (as SGLang prefills; small cells are launch-bound, so noisy), and
+        # as CUDA-graph replays: the GPU's own time, what the cached context adds
+        cell = {"reqs": reqs, "tokens": new, "cached": cached,
+                "prefill_s": time_eager(step, reps=reps),
+                "graph_s": time_graph(step), "graph_paged_s": time_graph(step_paged)}
+        sec["cells"].append(cell)
+        print(f"prefill reqs={reqs:3d} x {new:4d} new over {cached:6d} cached: eager "
+              f"{1e3 * cell['prefill_s']:8.2f} ms; graph: {1e3 * cell['graph_s']:8.2f} ms "
+              f"({tried[-1]}), paged split-K {1e3 * cell['graph_paged_s']:8.2f} ms", flush=True)
+        p.save()
+
+
 def group_layout(groups: int, width: int, prefix: int, suffix: int, dev):
     """Pool rows of `groups` groups of `width` branches: the groups' prefixes
     first, then each branch's suffix. (prefix indices, suffix indices, every
@@ -458,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         p.save()
         raise
     sections = (("decode", decode_grid), ("prefill", prefill_grid),
+                ("prefill_cached", prefill_cached),
                 ("cascade_attention", cascade_attention), ("cascade_steps", cascade_steps))
     only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else None
     for name, fn in sections:

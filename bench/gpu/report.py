@@ -5,7 +5,8 @@ simulator's own models.
 
 Tables: the decode steps measured (and the cells no card holds); full over
 extrapolated (4 layers x 16) on the cells both have; prefill measured against
-the analytic model the simulator used before; the cascade gate per width; and
+the analytic model the simulator used before; prefill over cached context,
+measured and modelled; the cascade gate per width; and
 whole cascade steps measured against what the simulator's cost model predicts
 for them (plain: every branch reads its prefix; two-level: the prefix counted
 once per group).
@@ -69,6 +70,35 @@ def prefill_table(full_path: Path, full: dict) -> list[str]:
     return out
 
 
+def cached_table(full_path: Path, full: dict) -> list[str]:
+    """Prefill over cached context: each cell's attentions, and the model."""
+    sec = full.get("prefill_cached")
+    if not sec:
+        return []
+    m = costs.load(f"measured:{full_path}")
+    fit = m._cached
+    out = ["### Prefill over cached context (ms): requests x new tokens over cached tokens "
+           "each", "",
+           "| requests x new, cached | eager, SDPA | graph, SDPA | graph, paged split-K | "
+           "the simulator's model |", "|---|---:|---:|---:|---:|"]
+    for c in sec["cells"]:
+        tokens, reqs = c["reqs"] * c["tokens"], c["reqs"]
+        model = m.prefill(tokens, reqs, reqs * (c["tokens"] + c["cached"]))
+        out.append(f"| {reqs} x {c['tokens']}, {c['cached']} | {_ms(c['prefill_s'])} | "
+                   f"{_ms(c.get('graph_s'))} | {_ms(c.get('graph_paged_s'))} | {_ms(model)} |")
+    errs = [r["base_s"] + fit(r["reqs"] * r["tokens"], r["reqs"],
+                              r["reqs"] * (r["tokens"] + r["cached"])) - r["step_s"]
+            for r in fit.rows]
+    rel = [e / r["step_s"] for e, r in zip(errs, fit.rows)]
+    out += ["", f"Model: the fresh-prompt table above plus, per request, cached x "
+                f"({1e6 * fit.read:.3f} us + {1e9 * fit.pair:.2f} ns x new tokens), fitted "
+                f"to the better graph time of each cell less the same cell over none "
+                f"(in-sample; the whole step within {100 * min(rel):+.0f}% to "
+                f"{100 * max(rel):+.0f}% of it). The model column adds that to the "
+                "eager fresh-prompt table."]
+    return out
+
+
 def cascade_tables(full_path: Path, full: dict) -> list[str]:
     cas = full["cascade"]
     grid = cas["grid"]
@@ -126,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"{full['label']}; {full['gpu']}, torch {full['torch']}, "
                  f"triton {full['triton']}.", ""]
         for part in (decode_tables(full, old), prefill_table(ns.full, full),
-                     cascade_tables(ns.full, full)):
+                     cached_table(ns.full, full), cascade_tables(ns.full, full)):
             lines += part + [""]
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         print(f"report: {type(e).__name__}: {e} (a profile from bench.gpu.build_profile "

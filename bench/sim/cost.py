@@ -249,12 +249,50 @@ class PrefillTable:
         return b + self.c * tokens * tokens / max(1, reqs)
 
 
+class CachedPrefill:
+    """What a prefill step's cached context adds on a GPU (a fork's branch
+    prefills over the shared prompt, any prompt the radix cache holds): per
+    request, cached tokens x (read + pair x its new tokens), the cached KV read
+    and the new tokens' attention over it. Least squares without intercept over
+    cells of `reqs` requests of `tokens` new tokens over `cached` tokens each:
+    per cell the better of the attentions measured (CUDA-graph times where the
+    cell has them, else eager), less the same (reqs, tokens) over none."""
+
+    def __init__(self, cells: list[dict]) -> None:
+        best = {}
+        for c in cells:
+            ts = [c[k] for k in ("graph_s", "graph_paged_s") if c.get(k) is not None]
+            best[(c["reqs"], c["tokens"], c["cached"])] = min(ts) if ts else c["prefill_s"]
+        x, y, self.rows = [], [], []
+        for (reqs, tokens, cached), t in sorted(best.items()):
+            base = best.get((reqs, tokens, 0))
+            if cached > 0 and base is not None:
+                x.append((reqs * cached, reqs * cached * tokens))
+                y.append(t - base)
+                self.rows.append({"reqs": reqs, "tokens": tokens, "cached": cached,
+                                  "step_s": t, "base_s": base})
+        if len(x) < 2:
+            raise ValueError("prefill_cached cells: two with cached context and the same "
+                             "(reqs, tokens) over none needed")
+        (read, pair), *_ = np.linalg.lstsq(np.asarray(x, dtype=float), np.asarray(y),
+                                           rcond=None)
+        self.read, self.pair = max(float(read), 0.0), max(float(pair), 0.0)
+
+    def __call__(self, tokens: float, reqs: int, context: float) -> float:
+        cached = context - tokens
+        if cached <= 0:
+            return 0.0
+        return cached * (self.read + self.pair * tokens / max(1, reqs))
+
+
 class MeasuredCost(CostModel):
     """A table of decode steps timed on a GPU over (batch, context length),
     bilinear in batch and context; prefill from the table's measured prefill
     cells where it has them (`PrefillTable`), else from the analytic model of
-    the same GPU. A table's `label` says how it was measured (profiles/ holds
-    the H200 measured on all 64 of Qwen3-32B's layers, and the earlier table
+    the same GPU, plus what cached context adds where the table has cells over
+    it (`CachedPrefill`; without them, a prompt's cached part costs nothing).
+    A table's `label` says how it was measured (profiles/ holds the H200
+    measured on all 64 of Qwen3-32B's layers, and the earlier table
     extrapolated from 4 of them)."""
 
     def __init__(self, path: str | Path, data: dict | None = None) -> None:
@@ -269,13 +307,18 @@ class MeasuredCost(CostModel):
         self._b, self._c = self.batches.tolist(), self.contexts.tolist()
         self._rows = rows  # each row as measured; _at_context extends a short one
         self.meta = {k: v for k, v in data.items()
-                     if k not in ("decode_s", "cascade", "cascade_steps", "prefill")}
+                     if k not in ("decode_s", "cascade", "cascade_steps", "prefill",
+                                  "prefill_cached")}
         gpu = str(data.get("gpu", "h200")).lower()
         gpu = next((g for g in GPUS if g in gpu), "h200")  # "NVIDIA H200" -> "h200"
         cells = (data.get("prefill") or {}).get("cells")
         self._prefill = PrefillTable(cells) if cells else \
             AnalyticCost(data.get("model", "qwen3-32b"), gpu).prefill
         self.meta["prefill_model"] = "measured cells" if cells else f"analytic {gpu}"
+        cached = (data.get("prefill_cached") or {}).get("cells")
+        self._cached = CachedPrefill(cached) if cached else None
+        if self._cached is not None:
+            self.meta["prefill_model"] += " (fresh prompts and over cached context)"
         self._sharing = (float(data.get("shared_reread", 1.0)),
                          float(data.get("two_level_s_per_token", 0.0)),
                          _gate(data["cascade"]) if data.get("cascade") else None)
@@ -300,7 +343,8 @@ class MeasuredCost(CostModel):
         return row[-1] + (row[-1] - row[-2]) / (c[-1] - c[-2]) * (ctx - c[-1])
 
     def prefill(self, tokens, reqs, context=0.0):
-        return self._prefill(tokens, reqs)
+        t = self._prefill(tokens, reqs)
+        return t if self._cached is None else t + self._cached(tokens, reqs, context)
 
     def sharing(self):
         return self._sharing
