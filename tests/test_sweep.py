@@ -158,3 +158,30 @@ def test_the_sensitivity_axes_grid_is_the_centre_and_each_axis_alone():
     assert all(r["taper/eager"] == 2.0 and r["taper/best cap"] == 1.25 for r in rows)
     md = sens.markdown(rows, {"num_prompts": 10, "seed": 0, "cost_model": "x"})
     assert md.count("| 2.00 | 1.25 |") == len(axes)
+
+
+def test_a_sensitivity_run_resumes_only_searches_of_its_own_setup(tmp_path):
+    """partial.jsonl lines of another cost model (its file's content) or other
+    options are dropped, not mixed into the table."""
+    import argparse
+    import json
+
+    from bench.sim import sensitivity as sens
+
+    model = tmp_path / "m.json"
+    model.write_text('{"a": 1}')
+    ns = argparse.Namespace(cost_model=f"measured:{model}", workload="long-context",
+                            num_prompts=150, seed=0, ttft_x=10.0, start=0.25, kv_capacity=9)
+    mine = sens.setup(ns)
+    partial = tmp_path / "partial.jsonl"
+    cell = [1.5, 2.0, [4, 8], 2048]
+    lines = [{"cell": cell, "policy": "taper", "max_rate": 1.0, "setup": mine},
+             {"cell": cell, "policy": "eager", "max_rate": 0.5},  # stored before setups
+             {"cell": cell, "policy": "off", "max_rate": 0.2,
+              "setup": {**mine, "num_prompts": 10}}]
+    partial.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    done, stale = sens.resume(partial, mine)
+    assert stale == 2 and list(done) == [((1.5, 2.0, (4, 8), 2048), "taper")]
+    assert len(partial.read_text().splitlines()) == 1  # the file keeps what is reused
+    model.write_text('{"a": 2}')  # the same path, another profile
+    assert sens.resume(partial, sens.setup(ns)) == ({}, 1)

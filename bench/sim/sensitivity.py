@@ -10,7 +10,9 @@ and taper's ratios over off, eager and the best cap are reported. `--grid full`
 runs all 144 cells (hours on 2 cores); `--grid axes` runs the centre cell (TPOT
 1.5x, stretch 2, widths 4-8, context 2K) and each axis varied alone (11 cells).
 Finished searches are kept in OUT/partial.jsonl, so a run resumes where it
-stopped and an axes run is the start of a full one. A cap at or
+stopped and an axes run is the start of a full one; only searches run with the
+same setup (the cost model's file content and every option that moves a
+figure, `setup`) are reused. A cap at or
 above the widest group is eager, so only caps below it run. Cells run in
 parallel worker processes; one line per finished cell goes to stderr.
 """
@@ -88,6 +90,42 @@ def _task(args) -> dict:
     return {"cell": cell, "policy": policy, "max_rate": best["rate"], "capacity": cap,
             "probes": [(r["rate"], r["summary"]["slo_attainment"]) for r in runs],
             "wall_s": time.monotonic() - t0}
+
+
+def setup(ns: argparse.Namespace) -> dict:
+    """What a finished search's figures depend on besides its cell and policy:
+    the cost model (its file's content, when it names one) and the options."""
+    import hashlib
+
+    spec = ns.cost_model
+    _, _, path = spec.partition(":")
+    digest = None
+    if path and Path(path).is_file():
+        digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+    return {"cost_model": spec, "cost_sha1": digest, "workload": ns.workload,
+            "num_prompts": ns.num_prompts, "seed": ns.seed, "ttft_x": ns.ttft_x,
+            "start": ns.start, "kv_capacity": ns.kv_capacity}
+
+
+def resume(partial: Path, want: dict) -> tuple[dict, int]:
+    """The finished searches in `partial` run with setup `want`, by (cell,
+    policy), and how many lines were left out (another setup, or none
+    recorded); the file is rewritten with the kept lines only."""
+    done, stale = {}, 0
+    if not partial.exists():
+        return done, 0
+    kept = []
+    for line in partial.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("setup") != want:
+            stale += 1
+            continue
+        kept.append(line)
+        done[(tuple(tuple(x) if isinstance(x, list) else x for x in r["cell"]),
+              r["policy"])] = r
+    if stale:
+        partial.write_text("".join(line + "\n" for line in kept))
+    return done, stale
 
 
 def _ratio(t, o):
@@ -178,12 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / "partial.jsonl"
-    done = {}
-    if partial.exists():  # resume: a long run may be interrupted
-        for line in partial.read_text().splitlines():
-            r = json.loads(line)
-            done[(tuple(tuple(x) if isinstance(x, list) else x for x in r["cell"]),
-                  r["policy"])] = r
+    want = setup(ns)
+    done, stale = resume(partial, want)  # a long run may be interrupted
+    if stale:
+        print(f"[sensitivity] {partial}: {stale} finished searches of another setup (cost "
+              f"model or options) dropped, not reused", file=sys.stderr, flush=True)
     todo = [t for t in tasks if (t[0], t[1]) not in done]
     print(f"[sensitivity] {len(cells)} cells, {len(tasks)} (cell, policy) searches, "
           f"{len(todo)} to run on {ns.workers} workers", file=sys.stderr, flush=True)
@@ -191,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(ns.workers) as pool, open(partial, "a") as log:
         futures = [pool.submit(_task, t) for t in todo]
         for i, fut in enumerate(as_completed(futures), 1):
-            r = fut.result()
+            r = {**fut.result(), "setup": want}
             done[(r["cell"], r["policy"])] = r
             log.write(json.dumps(r) + "\n")
             log.flush()
