@@ -127,6 +127,18 @@ def test_scalar_interp_is_np_interp_bit_for_bit(xs, ys, x):
         assert costs.interp(at, xp, fp) == float(np.interp(at, np.array(xp), np.array(fp)))
 
 
+def _base_and_twice_as_slow():
+    """A linear cost model, the same twice as slow (gap included), 30 programs."""
+    coeffs = dict(a=0.004, b=0.0003, c=4e-7, e=0.006, f=2e-5, g=0.001)
+    return (costs.LinearCost(**coeffs, gap=0.001),
+            costs.LinearCost(**{k: 2 * v for k, v in coeffs.items()}, gap=0.002), workload(30))
+
+
+def _token_times(progs, cost, sim) -> list[float]:
+    recs = simulate(progs, cost, "eager", sim=sim)["records"]
+    return [t for r in recs for q in r.requests for t in q.token_times]
+
+
 def test_a_host_speed_factor_scales_every_step_and_gap():
     """SimConfig.speed (fidelity's replay of a live host's speed): a factor 2
     throughout is the same run as a cost model twice as slow, gap included;
@@ -135,14 +147,10 @@ def test_a_host_speed_factor_scales_every_step_and_gap():
 
     from bench.sim.engine import SimConfig
 
-    coeffs = dict(a=0.004, b=0.0003, c=4e-7, e=0.006, f=2e-5, g=0.001)
-    base = costs.LinearCost(**coeffs, gap=0.001)
-    slow = costs.LinearCost(**{k: 2 * v for k, v in coeffs.items()}, gap=0.002)
-    progs = workload(30)
+    base, slow, progs = _base_and_twice_as_slow()
 
     def ends(cost, speed=None):
-        recs = simulate(progs, cost, "eager", sim=SimConfig(speed=speed))["records"]
-        return [t for r in recs for q in r.requests for t in q.token_times]
+        return _token_times(progs, cost, SimConfig(speed=speed))
 
     doubled = ends(base, ((0.0,), (2.0,)))
     assert doubled == pytest.approx(ends(slow), rel=1e-9)
@@ -154,3 +162,52 @@ def test_a_host_speed_factor_scales_every_step_and_gap():
     for bad in (((), ()), ((0.0, 1.0), (1.0,)), ((1.0, 0.0), (1.0, 1.0)), ((0.0,), (0.0,))):
         with pytest.raises(ValueError, match="SimConfig.speed"):
             simulate(progs, base, "eager", sim=SimConfig(speed=bad))
+
+
+def test_the_hooks_time_lands_on_decode_steps_with_a_branch_only():
+    """SimConfig.hook_s (fidelity's TAPER hook time): each decode step with a
+    branch in it waits that much longer; chat-only programs do not move."""
+    from dataclasses import replace
+
+    from bench.sim.engine import SimConfig, Simulator
+    from bench.sim.run import make_controller
+
+    cost = costs.LinearCost(a=0.004, b=0.0003, c=4e-7, e=0.006, f=2e-5, g=0.001, gap=0.001)
+    progs = workload(30)
+    chat = [replace(p, kind="chat", stages=p.stages[:1]) for p in progs
+            if p.stages[0].kind == "serial"]
+
+    def run(ps, hook):
+        sim = Simulator(ps, cost, make_controller("eager", cost), SimConfig(hook_s=hook))
+        recs = sim.run()
+        return sim, [t for r in recs for q in r.requests for t in q.token_times]
+
+    # one program with a fork, alone (eager holds nothing, nothing else arrives):
+    # the same steps, its end later by exactly the hook of each regulated step
+    forked = [replace(next(p for p in progs if any(st.kind == "parallel" for st in p.stages)),
+                      arrival=0.0)]
+    plain_sim, plain = run(forked, 0.0)
+    hooked_sim, hooked = run(forked, 0.01)
+    assert hooked_sim.steps == plain_sim.steps and hooked_sim.regulated_steps > 0
+    assert max(hooked) - max(plain) == pytest.approx(0.01 * hooked_sim.regulated_steps,
+                                                     rel=1e-9)
+    assert run(chat, 0.01)[1] == run(chat, 0.0)[1]  # no branch, no hook
+
+
+def test_a_load_slowdown_scales_steps_with_the_recent_tokens():
+    """SimConfig.load (fidelity's bracket_load): alpha 2 with no slope is a cost
+    model twice as slow; a slope slows a busy run more; bad triples refused."""
+    from bench.sim.engine import SimConfig
+
+    base, slow, progs = _base_and_twice_as_slow()
+
+    def ends(cost, load=None):
+        return _token_times(progs, cost, SimConfig(load=load))
+
+    assert ends(base, (2.0, 0.0, 5.0)) == pytest.approx(ends(slow), rel=1e-9)
+    assert ends(base, (1.0, 0.0, 5.0)) == ends(base)
+    busy = ends(base, (1.0, 0.002, 5.0))
+    assert max(busy) > max(ends(base))
+    for bad in ((0.0, 0.0, 5.0), (1.0, -1.0, 5.0), (1.0, 0.0, 0.0)):
+        with pytest.raises(ValueError, match="SimConfig.load"):
+            simulate(progs, base, "eager", sim=SimConfig(load=bad))

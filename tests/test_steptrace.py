@@ -168,6 +168,38 @@ def test_host_speed_is_the_run_against_the_model_per_bin(tmp_path):
     assert times == (0.0,) and factors[0] == pytest.approx(1.0, rel=1e-3)  # most ran at 1x
 
 
+def test_load_slowdown_is_the_line_of_speed_against_tokens_per_second(tmp_path):
+    """Bins of 5 s whose cycles run at alpha + slope x the tokens decoded per
+    second in the bin: the line comes back; a falling one reads as flat."""
+    import math
+
+    from bench.sim.steptrace import load_slowdown
+
+    cost = LinearCost(a=0.004, b=0.001, c=0.0, e=0.0, f=0.0, gap=0.001)
+    alpha, slope = 1.1, 0.002
+
+    def trace(ks_for) -> Trace:
+        lines, t = ["kind,launch,end,size,count"], 100.0
+        for j, n in enumerate((1, 4, 8, 16, 2, 12)):
+            m = cost.decode(n, 100.0 * n) + cost.gap
+            k = ks_for(n, m)
+            while t < 100.0 + 5.0 * (j + 1) - 1e-9:
+                lines.append(f"d,{t:.6f},{t + k * (m - cost.gap):.6f},{n},{100 * n}")
+                t += k * m
+        path = tmp_path / "steps.csv"
+        path.write_text("\n".join(lines) + "\n")
+        return Trace.read(path)
+
+    # k = alpha + slope n / (k m): the tokens/s a bin decodes at its own speed
+    rising = trace(lambda n, m: (alpha + math.sqrt(alpha ** 2 + 4 * slope * n / m)) / 2)
+    a, b = load_slowdown(rising, cost, 100.0)
+    assert a == pytest.approx(alpha, rel=0.03) and b == pytest.approx(slope, rel=0.05)
+    falling = trace(lambda n, m: 2.0 - 0.05 * n)
+    a, b = load_slowdown(falling, cost, 100.0)
+    assert b == 0.0 and 1.0 < a < 2.0
+    assert load_slowdown(Trace.read(tmp_path / "steps.csv", 0.0, 1.0), cost, 0.0) == (1.0, 0.0)
+
+
 def test_a_case_stored_with_one_run_simulates_as_one(tmp_path):
     """A result stored before runs were repeated (one live run, no calibration
     after it) resimulates on the models it has the windows for."""

@@ -45,7 +45,9 @@ def _setup(ns, seed: int) -> dict:
             "trace": trace,
             "capacity": capacity(cal, progs) * _replicas(ns), "ttft": ttft, "tpot": tpot,
             "sim": SimConfig(kv_capacity=ns.kv_capacity, seed=seed,
-                             speed=getattr(ns, "host_speed", None))}
+                             speed=getattr(ns, "host_speed", None),
+                             hook_s=getattr(ns, "hook_s", None) or 0.0,
+                             load=getattr(ns, "host_load", None))}
 
 
 def _replicas(ns) -> int:
@@ -155,7 +157,9 @@ def run_sim(ns, calibration: dict | None = None) -> dict:
     `calibration`: measured isolated figures and capacity to use instead of the
     cost model's (see `_setup`). `ns.host_speed`, where set (bench.sim.fidelity
     sets it, the command line does not): the host's speed over a live run
-    replayed (`SimConfig.speed`)."""
+    replayed (`SimConfig.speed`); `ns.hook_s` and `ns.host_load` likewise,
+    TAPER's hook time per decode step with a branch (`SimConfig.hook_s`) and
+    the host's slowdown with its traffic (`SimConfig.load`)."""
     from bench.sim.bound import max_rate_bound
 
     ns.calibration = calibration

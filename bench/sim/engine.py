@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,17 @@ class SimConfig:
     # step from times[i] on takes factors[i] x the cost model's time, gap included
     # (before times[0]: factors[0]). None: the cost model's times as they are.
     speed: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # Seconds a decode step with a branch in it spends in TAPER's scheduler hooks
+    # (building the view, splitting off and merging back the held part, learning
+    # from the step, the stats), added to its gap: the live server reports its own
+    # (/taper/stats overhead.hook_seconds per regulated step). 0: not modelled.
+    hook_s: float = 0.0
+    # The host slowing with the traffic it serves (a CPU engine whose frontend
+    # shares the cores): (alpha, slope, window_s), every step and gap taking
+    # alpha + slope x (tokens decoded over the last window_s seconds) / window_s
+    # times the cost model's (times SimConfig.speed's factor, where both are set).
+    # None: not modelled.
+    load: tuple[float, float, float] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -219,6 +231,14 @@ class Engine:
                 raise ValueError("SimConfig.speed: (times, factors) of one length, at least "
                                  "one, times ascending, factors above 0")
             self._speed = (times, factors)
+        self._load = None
+        if self.cfg.load is not None:
+            alpha, slope, window = (float(x) for x in self.cfg.load)
+            if alpha <= 0 or slope < 0 or window <= 0:
+                raise ValueError("SimConfig.load: (alpha > 0, slope >= 0, window_s > 0)")
+            self._load = (alpha, slope, window)
+            self._window: deque[tuple[float, int]] = deque()  # (step end, tokens)
+            self._window_tokens = 0
         self.t = 0.0
         self.waiting = WaitingQueue()  # FIFO: admission pops from the left (`queue` appends)
         self._queued: tuple[tuple[int, int], PrefillView] | None = None  # (tokens, version)
@@ -353,14 +373,23 @@ class Engine:
         return (float(prefix[two].sum()), kv_eff, self._two_level_s * two_reads,
                 bool(two.any()))
 
-    def _at_speed(self, dt: float) -> tuple[float, float]:
-        """A step of `dt` seconds and the gap before or after it at the host's
-        speed now (SimConfig.speed; as they are without one)."""
-        if self._speed is None:
-            return dt, self.gap
-        times, factors = self._speed
-        k = float(factors[max(0, int(np.searchsorted(times, self.t, side="right")) - 1)])
-        return dt * k, self.gap * k
+    def _at_speed(self, dt: float, gap: float | None = None) -> tuple[float, float]:
+        """A step of `dt` seconds and the gap before or after it (default the
+        cost model's) at the host's speed now (SimConfig.speed; as they are
+        without one)."""
+        gap = self.gap if gap is None else gap
+        if self._speed is None and self._load is None:
+            return dt, gap
+        k = 1.0
+        if self._speed is not None:
+            times, factors = self._speed
+            k = float(factors[max(0, int(np.searchsorted(times, self.t, side="right")) - 1)])
+        if self._load is not None:
+            alpha, slope, window = self._load
+            while self._window and self._window[0][0] < self.t - window:
+                self._window_tokens -= self._window.popleft()[1]
+            k *= alpha + slope * self._window_tokens / window
+        return dt * k, gap * k
 
     def _release(self, r: _Req) -> None:
         self.kv_used -= r.new_tokens + r.max_new
@@ -380,16 +409,19 @@ class Engine:
         dt = self.cost.decode(len(keep), kv_eff, uniq, two_level) + extra
         if self.cost.step_noise:
             dt *= max(0.2, 1.0 + self.cost.step_noise * self.rng.standard_normal())
-        dt, gap = self._at_speed(dt)
+        branches = int(np.count_nonzero(in_group))
+        dt, gap = self._at_speed(dt, self.gap + self.cfg.hook_s if branches else None)
         start = self.t + gap
         self.t = start + dt
         self.steps["decode"] += 1
         self.decode_time += dt
-        branches = int(np.count_nonzero(in_group))
         self.branch_steps += branches
         self.regulated_steps += branches > 0
         self.held_steps += len(d.held)
         self.ctl.observe(StepResult(d, step_time=dt, end=self.t))
+        if self._load is not None:
+            self._window.append((self.t, len(keep)))
+            self._window_tokens += len(keep)
         done = self.running.advance(keep, self.t)
         if len(done):
             # All leave the running set before any finishes: finishing may admit

@@ -11,7 +11,10 @@ followed by the same calibration again (from a clean slate). The simulator
 replays each run's programs, at the same rate and SLOs, on cost models fitted
 to that very server (MODELS): the first calibration's client-side TPOT, the
 server's steps before the first run, the calibrations just before and after
-the run (bracketing it in time, out of sample), the other live run's steps
+the run (bracketing it in time, out of sample; with the host's speed over the
+run; with TAPER's hook time per step that the other run's server reported;
+slowed with the traffic as the other run was),
+the other live run's steps
 (the same workload minutes apart, out of sample) and the run's own steps
 (in-sample). Goodput, SLO attainment and TPOT p50/p99 are compared with
 sim/live - 1 (target, issue 15: within 10% on each), beside the live runs'
@@ -86,6 +89,8 @@ def case_ns(name: str, policy: str, seed: int, out: Path, scale: int = 1) -> arg
 # and their KV (up to 32K tokens).
 SHAPES = ((1, 4096), (4, 4096), (8, 4096), (2, 6000))
 
+LOAD_WINDOW_S = 5.0  # bracket_load's window: the 5-s bins its line is fitted over
+
 # The cost models each run is simulated on: (key, what it is fitted to).
 MODELS = (
     ("calibration", "the first calibration's client-side TPOT (gap included)"),
@@ -98,6 +103,15 @@ MODELS = (
                       "ratio of the run's own decode cycles to it (the host's speed during "
                       "the run, measured from the run: what nothing fitted ahead of time "
                       "knows)"),
+    ("bracket_hook", "the bracket model, each decode step with a branch in it also paying "
+                     "TAPER's hook time per such step that the other live run's server "
+                     "reported (/taper/stats overhead; out of sample: calibrations have no "
+                     "branches, so no fitted model sees the hooks' cost)"),
+    ("bracket_load", "the bracket model, every step slowed with the traffic: alpha + slope x "
+                     "the tokens decoded per second over the last 5 s, the line fitted to the "
+                     "other live run's 5-s speed against the bracket model (out of sample: "
+                     "the same workload minutes apart; calibrations stream too little to "
+                     "show it)"),
     ("other_run", "the other live run's steps (the same workload minutes apart, out of "
                   "sample)"),
     ("trace_run", "the run's own steps (in-sample: tests the simulator's scheduling, not "
@@ -155,8 +169,8 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
         else:
             os.environ[ENV_TRACE] = before
     return {"case": name, "flags": case_flags(name, scale), "scale": scale, "load": load,
-            "rate": rate, "policy": policy, "seed": seed, "calibration": bench.result["calibration"],
-            "slo": bench.result["slo"], "runs": runs}
+            "rate": rate, "policy": policy, "seed": seed,
+            "calibration": bench.result["calibration"], "slo": bench.result["slo"], "runs": runs}
 
 
 def windows(case: dict, i: int) -> dict[str, list[tuple[float, float]]]:
@@ -186,7 +200,7 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
     from bench import cli as bench_cli
     from bench.sim import cost as costs
     from bench.sim.cli import run_sim
-    from bench.sim.steptrace import Trace, fit_linear, host_speed, parts
+    from bench.sim.steptrace import Trace, fit_linear, host_speed, load_slowdown, parts
 
     name = case["case"]
     if "runs" not in case:  # stored before runs were repeated (f4c064f): one run
@@ -209,11 +223,23 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                 paths[key], source=f"server step trace (TAPER_STEP_TRACE), {key}: "
                                    f"windows {wins}")
         models = {key: costs.load(f"linear:{path}") for key, path in paths.items()}
-        speed = {}
+        speed, hook, load = {}, {}, {}
         if "bracket" in paths:
             paths["bracket_speed"], models["bracket_speed"] = paths["bracket"], models["bracket"]
             speed["bracket_speed"] = run["host_speed"] = host_speed(run_trace,
                                                                     models["bracket"], t0)
+            others = [r for j, r in enumerate(case["runs"]) if j != i]
+            per_step = [hook_per_regulated_step(r.get("live_server") or {}) for r in others]
+            per_step = [x for x in per_step if x is not None]
+            if per_step:
+                paths["bracket_hook"], models["bracket_hook"] = paths["bracket"], models["bracket"]
+                hook["bracket_hook"] = run["hook_s_other"] = float(sum(per_step) / len(per_step))
+            if others:  # the line from the other run (the first, with more than two)
+                o0, o1 = others[0]["window"]
+                alpha, slope = load_slowdown(Trace.read(trace_path, o0, o1), models["bracket"],
+                                             o0)
+                paths["bracket_load"], models["bracket_load"] = paths["bracket"], models["bracket"]
+                load["bracket_load"] = run["load_other"] = (alpha, slope, LOAD_WINDOW_S)
         run["models"] = {}
         for key, what in MODELS:
             if key not in paths:
@@ -223,7 +249,8 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                 "request_rate": repr(case["rate"]), "policies": case["policy"],
                 "kv_capacity": 65536, "workers": 1, "quiet": True, "save_trace": None,
                 "seeds": [case["seed"]], "controller": [], "replicas": 1,
-                "host_speed": speed.get(key)})
+                "host_speed": speed.get(key), "hook_s": hook.get(key),
+                "host_load": load.get(key)})
             sim = run_sim(sim_ns, calibration=bench_cli.sim_calibration(case["calibration"]))
             sim_run = sim["runs"][0]
             model = models[key]
@@ -237,6 +264,14 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
     runs = case["runs"]
     case["repeat"] = compare(runs[0]["live"], runs[1]["live"]) if len(runs) > 1 else None
     return case
+
+
+def hook_per_regulated_step(server: dict) -> float | None:
+    """Seconds TAPER's hooks took per decode step with a branch in it, from a
+    live run's server figures (None: not reported, or no such step)."""
+    seconds = (server.get("overhead") or {}).get("hook_seconds")
+    steps = server.get("regulated_steps")
+    return seconds / steps if seconds is not None and steps else None
 
 
 def _cpu_self() -> float:

@@ -182,6 +182,36 @@ def fit_linear(tr: Trace, name: str = "linear:step-trace"):
                       noise=float(np.std(y / np.maximum(model, 1e-9) - 1.0)), name=name)
 
 
+def load_slowdown(tr: Trace, cost, t0: float, bin_s: float = 5.0,
+                  min_cycles: int = 5) -> tuple[float, float]:
+    """How a run's speed against `cost` moves with its own traffic, for
+    `SimConfig.load`: per `bin_s` seconds from `t0`, the median ratio of the
+    live decode cycles to the model (as `host_speed`) against the tokens the
+    server decoded per second in that bin; (alpha, slope) of the least-squares
+    line ratio = alpha + slope x tokens/s over the bins with `min_cycles`
+    cycles or more (slope 0, alpha their median, where it would fall; (1, 0)
+    with fewer than three such bins)."""
+    i, cycle = _decode_pairs(tr)
+    if not len(i):
+        return 1.0, 0.0
+    ratio = _over_model(tr, cost, i, cycle)
+    b = np.floor((tr.launch[i] - t0) / bin_s).astype(int)
+    dec = tr.kind == "d"
+    tb = np.floor((tr.launch[dec] - t0) / bin_s).astype(int)
+    x, y = [], []
+    for k in np.unique(b):
+        here = ratio[b == k]
+        if len(here) >= min_cycles:
+            x.append(float(tr.size[dec][tb == k].sum()) / bin_s)
+            y.append(float(np.median(here)))
+    if len(x) < 3:
+        return 1.0, 0.0
+    slope, alpha = np.polyfit(np.asarray(x), np.asarray(y), 1)
+    if slope <= 0:
+        return float(np.median(y)), 0.0
+    return float(alpha), float(slope)
+
+
 def host_speed(tr: Trace, cost, t0: float, bin_s: float = 5.0,
                min_cycles: int = 5) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The host's speed over a run against `cost`, for `SimConfig.speed`: per
