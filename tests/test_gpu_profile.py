@@ -65,6 +65,17 @@ def test_every_section_measures_and_two_level_tokens_agree(cpu_check, tmp_path_f
     built = build_profile.build(runs)
     assert built["source"]["decode"] == "run1" and built["cascade"]["grid"]
     assert built["prefill_cached"]["cells"] == cached["cells"]
+    # a later run re-measuring a section as an anchor: --pin keeps the first's
+    later = json.loads(json.dumps(data))
+    later["prefill"]["cells"][0]["prefill_s"] *= 2
+    (runs / "run2").mkdir()
+    (runs / "run2" / "profile.json").write_text(json.dumps(later))
+    assert build_profile.build(runs)["source"]["prefill"] == "run2"
+    pinned = build_profile.build(runs, {"prefill": "run1"})
+    assert pinned["source"]["prefill"] == "run1" and pinned["source"]["decode"] == "run2"
+    assert pinned["prefill"]["cells"] == data["prefill"]["cells"]
+    with pytest.raises(ValueError, match="--pin prefill=run9"):
+        build_profile.build(runs, {"prefill": "run9"})
 
 
 def test_unmeasured_cells_extend_their_row_and_prefill_reads_the_cells(tmp_path):

@@ -211,3 +211,45 @@ def test_a_load_slowdown_scales_steps_with_the_recent_tokens():
     for bad in ((0.0, 0.0, 5.0), (1.0, -1.0, 5.0), (1.0, 0.0, 0.0)):
         with pytest.raises(ValueError, match="SimConfig.load"):
             simulate(progs, base, "eager", sim=SimConfig(load=bad))
+    # the factor itself: alpha + slope x the tokens of the steps that ended in the
+    # last window_s, over window_s; back to alpha after a longer idle stretch
+    from bench.sim.engine import Simulator
+    from bench.sim.run import make_controller
+
+    sim = Simulator(progs, base, make_controller("eager", base),
+                    SimConfig(load=(1.5, 0.01, 2.0)))
+    sim.t = 10.0
+    for end, n in ((7.5, 100), (8.5, 6), (9.9, 4)):  # the first ended before the window
+        sim._window.append((end, n))
+        sim._window_tokens += n
+    assert sim._at_speed(1.0) == pytest.approx((1.5 + 0.01 * 10 / 2.0, base.gap * 1.55))
+    sim.t = 20.0
+    assert sim._at_speed(1.0, 0.5) == (1.5, 0.75)
+
+
+def test_a_prefill_is_told_each_request_s_cached_times_new_tokens():
+    """The engine passes the sum over a prefill's requests of cached x new
+    tokens (a cost model pricing the new tokens' attention over the cache
+    needs it per request: a mean over a mixed batch would not do)."""
+    calls = []
+
+    class Recording(costs.LinearCost):
+        def prefill(self, tokens, reqs, context=0.0, cached_new=None):
+            calls.append((tokens, reqs, context, cached_new))
+            return super().prefill(tokens, reqs, context, cached_new)
+
+    cost = Recording(a=0.004, b=0.0003, c=4e-7, e=0.006, f=2e-5, g=0.001, gap=0.001)
+    simulate(workload(30), cost, "eager")
+    calls = [c for c in calls if c[3] is not None]  # the engine's (priors ask without)
+    assert calls and any(cn > 0 for *_, cn in calls)
+    for tokens, reqs, context, cached_new in calls:
+        assert 0 <= cached_new <= (context - tokens) * tokens
+        if reqs == 1:
+            assert cached_new == (context - tokens) * tokens
+    fit = costs.CachedPrefill([{"reqs": r, "tokens": t, "cached": c, "prefill_s": 1.0,
+                                "graph_s": 0.03 + r * c * (2e-7 + 5e-9 * t)}
+                               for r, t in ((1, 8), (2, 64)) for c in (0, 1000, 4000)])
+    # two requests over 1000 cached each, 8 and 120 new: their own products, not the mean
+    assert fit(128, 2, 2128, 1000 * 8 + 1000 * 120) == pytest.approx(
+        2000 * 2e-7 + 5e-9 * 128000)
+    assert fit(128, 2, 2128) == pytest.approx(2000 * 2e-7 + 5e-9 * 2000 * 64)

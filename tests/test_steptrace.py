@@ -136,6 +136,21 @@ def test_a_stored_live_run_simulates_again(tmp_path):
     assert rows[0]["TPOT p50"] == pytest.approx(-0.049, abs=0.002)  # README: -4.9%
     assert rows[1]["TPOT p99"] == pytest.approx(0.087, abs=0.002)  # README: +8.7%
     assert out["repeat"][2]["rel_diff"] == pytest.approx(-0.138, abs=0.002)  # live vs live
+    # bracket_hook and bracket_load read the *other* run only (out of sample)
+    from bench.sim.cost import load as load_cost
+    from bench.sim.steptrace import load_slowdown
+
+    for i, run in enumerate(out["runs"]):
+        other = out["runs"][1 - i]
+        assert run["hook_s_other"] == fidelity.hook_per_regulated_step(other["live_server"])
+        assert run["hook_s_other"] != fidelity.hook_per_regulated_step(run["live_server"])
+        bracket = load_cost(f"linear:{tmp_path}/mooncake/run{i + 1}_bracket_cost_model.json")
+        o0, o1 = other["window"]
+        want = load_slowdown(Trace.read(tmp_path / "mooncake/steps.csv", o0, o1), bracket, o0)
+        assert tuple(run["load_other"][:2]) == pytest.approx(want)
+    assert fidelity.hook_per_regulated_step({"overhead": {"hook_seconds": 1.0},
+                                             "regulated_steps": 0}) is None
+    assert fidelity.hook_per_regulated_step({}) is None
     parts_ = out["runs"][0]["models"]["bracket"]["live_steps"]
     assert parts_["decode_steps"] == 2205 and parts_["prefill_steps"] == 73
     assert 0.0 < parts_["client_cpu_share"] < 0.1

@@ -185,3 +185,5 @@ def test_a_sensitivity_run_resumes_only_searches_of_its_own_setup(tmp_path):
     assert len(partial.read_text().splitlines()) == 1  # the file keeps what is reused
     model.write_text('{"a": 2}')  # the same path, another profile
     assert sens.resume(partial, sens.setup(ns)) == ({}, 1)
+    bare = argparse.Namespace(**{**vars(ns), "cost_model": str(model)})  # a bare path
+    assert sens.setup(bare)["cost_sha1"] == sens.setup(ns)["cost_sha1"] is not None

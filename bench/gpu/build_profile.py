@@ -1,14 +1,14 @@
 """Assemble the simulator's H200 profile from the full-model device runs.
 
     python -m bench.gpu.build_profile bench/results/gpu-full-profile \
-        --out bench/sim/profiles/h200_qwen3_32b_full.json
+        --pin prefill=run1 --out bench/sim/profiles/h200_qwen3_32b_full.json
 
 Reads RUN/profile.json of each run folder given (runs of
 bench/gpu/h200_full_profile.py) and takes, per section, the latest run that
-has it: the decode table, the prefill cells (fresh prompts, and over cached
-context), the cascade attention grid (from
-which the cascade gate's per-width thresholds are derived, as `taper profile`
-derives the CPU engine's) and the whole cascade steps. Decode tables of
+has it (`--pin SECTION=RUN` names another): the decode table, the prefill
+cells (fresh prompts, and over cached context), the cascade attention grid
+(from which the cascade gate's per-width thresholds are derived, as `taper
+profile` derives the CPU engine's) and the whole cascade steps. Decode tables of
 several runs are compared cell by cell (`decode_run_spread`).
 """
 
@@ -33,8 +33,15 @@ def load_runs(folder: Path) -> list[tuple[str, dict]]:
     return [(p.name, json.loads((p / "profile.json").read_text())) for p in runs]
 
 
-def latest(runs: list[tuple[str, dict]], key: str) -> tuple[str, dict | list]:
+def latest(runs: list[tuple[str, dict]], key: str,
+           pins: dict[str, str] | None = None) -> tuple[str, dict | list]:
+    """The section `key` of the latest run that has it, or of the run `pins`
+    names for it."""
     have = [(name, data[key]) for name, data in runs if data.get(key)]
+    if pins and key in pins:
+        have = [(name, sec) for name, sec in have if name == pins[key]]
+        if not have:
+            raise ValueError(f"--pin {key}={pins[key]}: that run has no {key!r} section")
     if not have:
         raise ValueError(f"no run has a {key!r} section")
     return have[-1]
@@ -90,16 +97,16 @@ def sharing_fit(table: dict, steps: list[dict]) -> dict:
             "sharing_fit": per_step}
 
 
-def build(folder: Path) -> dict:
+def build(folder: Path, pins: dict[str, str] | None = None) -> dict:
     runs = load_runs(folder)
-    dec_run, dec = latest(runs, "decode")
-    pre_run, pre = latest(runs, "prefill")
+    dec_run, dec = latest(runs, "decode", pins)
+    pre_run, pre = latest(runs, "prefill", pins)
     try:  # runs before the section existed have none: the prompt's cached part then is free
-        cached_run, cached = latest(runs, "prefill_cached")
+        cached_run, cached = latest(runs, "prefill_cached", pins)
     except ValueError:
         cached_run, cached = None, None
-    att_run, grid = latest(runs, "cascade_attention")
-    step_run, steps = latest(runs, "cascade_steps")
+    att_run, grid = latest(runs, "cascade_attention", pins)
+    step_run, steps = latest(runs, "cascade_steps", pins)
     meta = dict(runs[-1][1])
     widths = sorted({r["width"] for r in grid})
     prefixes = sorted({r["prefix"] for r in grid})
@@ -157,9 +164,17 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="a folder of run folders, each with profile.json")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pin", action="append", default=[], metavar="SECTION=RUN",
+                   help="take SECTION from run folder RUN, not the latest that has it "
+                        "(e.g. prefill=run1: a later run re-measured it only as an anchor)")
     ns = p.parse_args(argv)
     try:
-        data = build(ns.folder)
+        pins = dict(x.split("=", 1) for x in ns.pin)
+    except ValueError:
+        print(f"build_profile: --pin takes SECTION=RUN, got {ns.pin}", file=sys.stderr)
+        return 2
+    try:
+        data = build(ns.folder, pins)
     except (OSError, ValueError, KeyError) as e:
         print(f"build_profile: {e}", file=sys.stderr)
         return 2

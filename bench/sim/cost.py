@@ -40,7 +40,11 @@ class CostModel:
                cascade: bool = False) -> float:
         raise NotImplementedError
 
-    def prefill(self, tokens: int, reqs: int, context: float = 0.0) -> float:
+    def prefill(self, tokens: int, reqs: int, context: float = 0.0,
+                cached_new: float | None = None) -> float:
+        """`cached_new`: the sum over the step's requests of cached tokens x new
+        tokens (their new tokens' attention over what the cache holds), where
+        the caller knows it; a model that prices it alone reads it."""
         raise NotImplementedError
 
     def sharing(self) -> tuple[float, float, object | None]:
@@ -81,7 +85,7 @@ class LinearCost(CostModel):
     def decode(self, n, kv, shared_unique=0.0, cascade=False):
         return self.a + self.b * n + self.c * kv + (self.d * shared_unique if cascade else 0.0)
 
-    def prefill(self, tokens, reqs, context=0.0):
+    def prefill(self, tokens, reqs, context=0.0, cached_new=None):
         if self.h:
             return self.e + self.f * tokens + self.g * reqs + self.h * context
         return self.e + self.f * tokens + self.g * reqs
@@ -166,7 +170,7 @@ class AnalyticCost(CostModel):
         return self.overhead + max(byts / (self.g["bw"] * BW_EFF),
                                    flops / (self.g["flops"] * FLOP_EFF))
 
-    def prefill(self, tokens, reqs, context=0.0):
+    def prefill(self, tokens, reqs, context=0.0, cached_new=None):
         byts = self.weight_bytes
         flops = tokens * self.flops_per_token
         return self.overhead + max(byts / (self.g["bw"] * BW_EFF),
@@ -278,11 +282,18 @@ class CachedPrefill:
                                            rcond=None)
         self.read, self.pair = max(float(read), 0.0), max(float(pair), 0.0)
 
-    def __call__(self, tokens: float, reqs: int, context: float) -> float:
+    def __call__(self, tokens: float, reqs: int, context: float,
+                 cached_new: float | None = None) -> float:
+        """Seconds the cached part of a step's prompts adds: `context` their
+        whole prompts, `tokens` the new ones; `cached_new`, the sum over the
+        requests of cached x new tokens (without it: as if every request had
+        the mean new tokens, exact for equal requests)."""
         cached = context - tokens
         if cached <= 0:
             return 0.0
-        return cached * (self.read + self.pair * tokens / max(1, reqs))
+        if cached_new is None:
+            cached_new = cached * tokens / max(1, reqs)
+        return cached * self.read + self.pair * cached_new
 
 
 class MeasuredCost(CostModel):
@@ -342,9 +353,10 @@ class MeasuredCost(CostModel):
             return interp(ctx, c, row)
         return row[-1] + (row[-1] - row[-2]) / (c[-1] - c[-2]) * (ctx - c[-1])
 
-    def prefill(self, tokens, reqs, context=0.0):
+    def prefill(self, tokens, reqs, context=0.0, cached_new=None):
         t = self._prefill(tokens, reqs)
-        return t if self._cached is None else t + self._cached(tokens, reqs, context)
+        return t if self._cached is None else t + self._cached(tokens, reqs, context,
+                                                              cached_new)
 
     def sharing(self):
         return self._sharing

@@ -325,8 +325,12 @@ class Engine:
     def _prefill(self, n: int, tokens: int) -> None:
         """One prefill step of the first `n` waiting requests, `tokens` tokens."""
         batch = [self.waiting.popleft() for _ in range(n)]
+        context = cached_new = 0
+        for r in batch:
+            context += r.context
+            cached_new += max(0, r.context - r.new_tokens) * r.new_tokens
         t_prefill, gap = self._at_speed(
-            self.cost.prefill(tokens, len(batch), sum(r.context for r in batch)))
+            self.cost.prefill(tokens, len(batch), context, cached_new))
         self.ctl.observe_prefill(tokens, t_prefill)
         self.t += t_prefill + gap
         self.steps["prefill"] += 1

@@ -98,7 +98,8 @@ def setup(ns: argparse.Namespace) -> dict:
     import hashlib
 
     spec = ns.cost_model
-    _, _, path = spec.partition(":")
+    kind, _, rest = spec.partition(":")
+    path = rest if kind in ("measured", "linear", "trace") else spec  # or a bare path
     digest = None
     if path and Path(path).is_file():
         digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]

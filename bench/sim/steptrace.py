@@ -189,8 +189,8 @@ def load_slowdown(tr: Trace, cost, t0: float, bin_s: float = 5.0,
     live decode cycles to the model (as `host_speed`) against the tokens the
     server decoded per second in that bin; (alpha, slope) of the least-squares
     line ratio = alpha + slope x tokens/s over the bins with `min_cycles`
-    cycles or more (slope 0, alpha their median, where it would fall; (1, 0)
-    with fewer than three such bins)."""
+    cycles or more (slope 0, alpha their median, where it would fall or cross
+    zero before no traffic; (1, 0) with fewer than three such bins)."""
     i, cycle = _decode_pairs(tr)
     if not len(i):
         return 1.0, 0.0
@@ -207,7 +207,7 @@ def load_slowdown(tr: Trace, cost, t0: float, bin_s: float = 5.0,
     if len(x) < 3:
         return 1.0, 0.0
     slope, alpha = np.polyfit(np.asarray(x), np.asarray(y), 1)
-    if slope <= 0:
+    if slope <= 0 or alpha <= 0:  # SimConfig.load needs a speed above 0 at no traffic
         return float(np.median(y)), 0.0
     return float(alpha), float(slope)
 
