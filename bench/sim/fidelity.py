@@ -223,23 +223,25 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                 paths[key], source=f"server step trace (TAPER_STEP_TRACE), {key}: "
                                    f"windows {wins}")
         models = {key: costs.load(f"linear:{path}") for key, path in paths.items()}
-        speed, hook, load = {}, {}, {}
+        # The bracket model's variants: what each adds to the simulation (SimConfig)
+        variants: dict[str, dict] = {}
         if "bracket" in paths:
-            paths["bracket_speed"], models["bracket_speed"] = paths["bracket"], models["bracket"]
-            speed["bracket_speed"] = run["host_speed"] = host_speed(run_trace,
-                                                                    models["bracket"], t0)
+            bracket = models["bracket"]
+            run["host_speed"] = host_speed(run_trace, bracket, t0)
+            variants["bracket_speed"] = {"host_speed": run["host_speed"]}
             others = [r for j, r in enumerate(case["runs"]) if j != i]
             per_step = [hook_per_regulated_step(r.get("live_server") or {}) for r in others]
             per_step = [x for x in per_step if x is not None]
             if per_step:
-                paths["bracket_hook"], models["bracket_hook"] = paths["bracket"], models["bracket"]
-                hook["bracket_hook"] = run["hook_s_other"] = float(sum(per_step) / len(per_step))
+                run["hook_s_other"] = float(sum(per_step) / len(per_step))
+                variants["bracket_hook"] = {"hook_s": run["hook_s_other"]}
             if others:  # the line from the other run (the first, with more than two)
                 o0, o1 = others[0]["window"]
-                alpha, slope = load_slowdown(Trace.read(trace_path, o0, o1), models["bracket"],
-                                             o0)
-                paths["bracket_load"], models["bracket_load"] = paths["bracket"], models["bracket"]
-                load["bracket_load"] = run["load_other"] = (alpha, slope, LOAD_WINDOW_S)
+                alpha, slope = load_slowdown(Trace.read(trace_path, o0, o1), bracket, o0)
+                run["load_other"] = (alpha, slope, LOAD_WINDOW_S)
+                variants["bracket_load"] = {"host_load": run["load_other"]}
+            for key in variants:
+                paths[key], models[key] = paths["bracket"], bracket
         run["models"] = {}
         for key, what in MODELS:
             if key not in paths:
@@ -249,8 +251,8 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                 "request_rate": repr(case["rate"]), "policies": case["policy"],
                 "kv_capacity": 65536, "workers": 1, "quiet": True, "save_trace": None,
                 "seeds": [case["seed"]], "controller": [], "replicas": 1,
-                "host_speed": speed.get(key), "hook_s": hook.get(key),
-                "host_load": load.get(key)})
+                "host_speed": None, "hook_s": None, "host_load": None,
+                **variants.get(key, {})})
             sim = run_sim(sim_ns, calibration=bench_cli.sim_calibration(case["calibration"]))
             sim_run = sim["runs"][0]
             model = models[key]

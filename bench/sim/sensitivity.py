@@ -122,11 +122,15 @@ def resume(partial: Path, want: dict) -> tuple[dict, int]:
             stale += 1
             continue
         kept.append(line)
-        done[(tuple(tuple(x) if isinstance(x, list) else x for x in r["cell"]),
-              r["policy"])] = r
+        done[(_cell_key(r["cell"]), r["policy"])] = r
     if stale:
         partial.write_text("".join(line + "\n" for line in kept))
     return done, stale
+
+
+def _cell_key(cell) -> tuple:
+    """A cell as a key: its widths a tuple again after a JSON round trip."""
+    return tuple(tuple(x) if isinstance(x, list) else x for x in cell)
 
 
 def _ratio(t, o):
@@ -138,8 +142,7 @@ def _ratio(t, o):
 def summarize_cells(results: list[dict]) -> list[dict]:
     cells: dict[tuple, dict] = {}
     for r in results:
-        cells.setdefault(tuple(map(lambda x: tuple(x) if isinstance(x, list) else x,
-                                   r["cell"])), {})[r["policy"]] = r["max_rate"]
+        cells.setdefault(_cell_key(r["cell"]), {})[r["policy"]] = r["max_rate"]
     out = []
     for cell, rates in sorted(cells.items()):
         caps = [v for p, v in rates.items() if p.startswith("cap:") and v is not None]

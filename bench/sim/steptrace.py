@@ -84,6 +84,14 @@ def _over_model(tr: Trace, cost, i: np.ndarray, cycle: np.ndarray) -> np.ndarray
     return cycle / np.maximum(model, 1e-9)
 
 
+def _cycle_bins(tr: Trace, cost, t0: float, bin_s: float):
+    """The decode cycles' ratios to the model (`_over_model`) and the `bin_s`
+    bin from `t0` each was launched in (empty arrays without any cycle)."""
+    i, cycle = _decode_pairs(tr)
+    ratio = _over_model(tr, cost, i, cycle)
+    return ratio, np.floor((tr.launch[i] - t0) / bin_s).astype(int)
+
+
 def parts(tr: Trace, cost, window: float) -> dict:
     """The trace's make-up (seconds) against `cost` (a simulator cost model)."""
     dec = tr.kind == "d"
@@ -191,11 +199,9 @@ def load_slowdown(tr: Trace, cost, t0: float, bin_s: float = 5.0,
     line ratio = alpha + slope x tokens/s over the bins with `min_cycles`
     cycles or more (slope 0, alpha their median, where it would fall or cross
     zero before no traffic; (1, 0) with fewer than three such bins)."""
-    i, cycle = _decode_pairs(tr)
-    if not len(i):
+    ratio, b = _cycle_bins(tr, cost, t0, bin_s)
+    if not len(ratio):
         return 1.0, 0.0
-    ratio = _over_model(tr, cost, i, cycle)
-    b = np.floor((tr.launch[i] - t0) / bin_s).astype(int)
     dec = tr.kind == "d"
     tb = np.floor((tr.launch[dec] - t0) / bin_s).astype(int)
     x, y = [], []
@@ -220,11 +226,9 @@ def host_speed(tr: Trace, cost, t0: float, bin_s: float = 5.0,
     model's decode step and gap at the same (sequences, KV). A bin with fewer
     than `min_cycles` cycles keeps the last factor (the first: all cycles'
     median, 1.0 without any)."""
-    i, cycle = _decode_pairs(tr)
-    if not len(i):
+    ratio, b = _cycle_bins(tr, cost, t0, bin_s)
+    if not len(ratio):
         return (0.0,), (1.0,)
-    ratio = _over_model(tr, cost, i, cycle)
-    b = np.floor((tr.launch[i] - t0) / bin_s).astype(int)
     last = float(np.median(ratio))
     times, factors = [], []
     for k in range(max(0, int(b.min())), int(b.max()) + 1):
