@@ -458,11 +458,12 @@ def prefill_cached(p: Profile, m: Model, grid: dict) -> None:
     kk, vv = (t.view(R, L, KVH, D).transpose(1, 2) for t in (kp, vp))
     sdpa = _lower_right(qq, kk, vv, tried, ways).transpose(1, 2)
     paged = paged_cached(R, new, cached, H, KVH, D, dev, m.dtype)(q, kp, vp).view(R, new, H, D)
-    k64, v64 = (t.double().repeat_interleave(H // KVH, dim=1) for t in (kk, vv))
-    sc = (qq.double() @ k64.transpose(-1, -2)) / D ** 0.5
-    sc = sc.masked_fill(~torch.ones(new, L, dtype=torch.bool, device=dev).tril(L - new),
-                        float("-inf"))
-    ref = (sc.softmax(-1) @ v64).transpose(1, 2)
+    # float64 (pa.reference): each new token a sequence over its request's rows up to itself
+    seqs = [torch.arange(r * L, r * L + cached + j + 1, device=dev)
+            for r in range(R) for j in range(new)]
+    ptr = torch.tensor([0] + [len(x) for x in seqs], device=dev).cumsum(0).to(torch.int32)
+    ref = pa.reference(q.view(R * new, KVH, H // KVH, D), kp, vp, ptr,
+                       torch.cat(seqs).to(torch.int32)).reshape(R, new, H, D)
     sec["check_rel_err"] = _rel(sdpa, ref)
     sec["check_rel_err_paged"] = _rel(paged, ref)
     print(f"prefill over cached context: attention check rel err {sec['check_rel_err']:.2e} "
