@@ -121,7 +121,12 @@ def test_eager_decodes_each_group_whole(runs):
     for name, (_, groups, n) in CASES.items():
         c = runs["eager"]["cases"][name]
         assert c["held_branch_steps"] == 0 and max(c["widths"]) == n, (name, c)
-        assert c["widths"][n] >= groups * (TOKENS - 1), (name, c)
+        # Every sample decodes each of its TOKENS - 1 steps, none held out.
+        assert sum(w * k for w, k in c["widths"].items()) == groups * n * (TOKENS - 1), (name, c)
+        # Together: the samples of a group may join a step apart (the server prefills a
+        # burst's first request alone: CI saw {1: 2, 2: 29} for two groups of two), and
+        # from then on decode at full width.
+        assert c["widths"][n] >= groups * (TOKENS - 3), (name, c)
 
 
 def test_groups_are_named_per_prompt_and_a_client_group_is_kept(runs):
