@@ -182,3 +182,105 @@ def test_pd_multiplexing_is_refused_like_the_other_unsplittable_modes():
     assert unsupported(sched()) is None
     assert "pdmux" in unsupported(sched(enable_pdmux=True))
     assert "mixed-chunk" in unsupported(sched(enable_mixed_chunk=True))
+
+
+@pytest.mark.parametrize("policy,slo", [("taper", 6.0), ("taper", 20.0), ("cap:2", 20.0),
+                                        ("off", 20.0)])
+def test_kept_view_rows_decide_as_views_stacked_afresh(policy, slo):
+    """The scheduler's per-step path (bench.hook_path: SchedulerRuntime's hooks over
+    stand-in requests whose batch surgery selects lists) decides the same, step
+    by step, whether LiveViews keeps the fixed rows (reused whole, reordered
+    after a split, gathered when requests join and leave) or stacks every view
+    afresh; and every way was taken."""
+    import argparse
+
+    from bench import hook_path
+
+    ns = argparse.Namespace(steps=600, critical=8, groups=5, width=8, tokens=120, slo=slo)
+    kept = hook_path.run(policy, ns, record=True)
+    fresh = hook_path.run(policy, ns, record=True, fresh_views=True)
+    assert kept["faults"] == fresh["faults"] == 0
+    assert kept["decisions"] == fresh["decisions"]
+    assert kept["stats"]["group_width_histogram"] == fresh["stats"]["group_width_histogram"]
+    assert kept["mean_held"] > 1 or policy == "eager"
+    views = kept["views"]
+    assert views["reused"] > 300 and views["gathered"] > 10, views
+    assert fresh["views"]["reused"] == fresh["views"]["gathered"] == 0
+
+
+def test_a_row_is_restacked_until_its_request_has_its_first_token():
+    """LiveViews keeps a request's row only once its first token is stamped (the
+    stamp, and the prefix it shares, are fixed from then on)."""
+    from types import SimpleNamespace
+
+    from sglang_taper.adapter.reqmeta import LiveViews, ReqMeta
+
+    def req(i: int, out: list) -> SimpleNamespace:
+        r = SimpleNamespace(rid=f"r{i}", output_ids=out, cached_tokens=30, to_finish=None,
+                            grammar=None, beam_group=None)
+        r._taper = ReqMeta(group="g", code=0, branch=i, width=2, ttft=1.0, tpot=0.1,
+                           arrival=0.0, critical=False, prompt=40, max_new=8, uid=10 + i)
+        return r
+
+    stamped = []
+
+    def metas(reqs, now):
+        for r in reqs:
+            r._taper.stamp_first_token(r, now)
+        stamped.append([r.rid for r in reqs])
+        return [r._taper for r in reqs]
+
+    a, b = req(0, [5]), req(1, [])
+    views = LiveViews()
+    v = views.build([a, b], metas, 1.0, 0, None)
+    assert math.isnan(v.first_token[1]) and v.shared_len[1] == 0
+    assert v.ids.tolist() == [10, 11] and v.generated.tolist() == [1, 0]
+    b.output_ids.append(7)  # b's first token
+    v = views.build([a, b], metas, 2.0, 0, None)
+    assert stamped == [["r0", "r1"], ["r1"]]  # a's row was kept, b's stacked again
+    assert v.first_token.tolist() == [1.0, 2.0] and v.shared_len.tolist() == [30, 30]
+    a.output_ids.append(6)
+    a.to_finish = "abort"
+    v2 = views.build([a, b], metas, 3.0, 0, None)
+    assert len(stamped) == 2 and v2.ids is v.ids  # reused whole
+    assert v2.generated.tolist() == [2, 1] and v2.pinned.tolist() == [True, False]
+    # b ran, a was held: a comes back at the batch's end; the view keeps its order
+    views.reorder(np.array([1]), np.array([0]))
+    v3 = views.build([b, a], metas, 4.0, 0, None)
+    assert len(stamped) == 2 and v3.ids is v.ids and v3.generated.tolist() == [2, 1]
+    assert views.to_batch(np.array([0])).tolist() == [1]  # a is the batch's row 1
+    assert views.to_batch(np.array([0, 1])).tolist() == [0, 1]
+    # under TP the view follows the batch's order
+    tp = LiveViews(canonical=False)
+    tp.build([a, b], metas, 4.0, 0, None)
+    tp.reorder(np.array([1]), np.array([0]))
+    v4 = tp.build([b, a], metas, 5.0, 0, None)
+    assert v4.ids.tolist() == [11, 10] and v4.branch.tolist() == [1, 0]
+    assert v4.generated.tolist() == [1, 2] and tp.to_batch(np.array([0])).tolist() == [0]
+    assert tp.reused == 1
+
+
+def test_step_record_counts_each_groups_decoding_branches():
+    """A regulated step's record against a count by hand: the groups present
+    (held-out ones too), the branches of each that decoded (keyed by name, in
+    code order), the KV of the kept sequences."""
+    from sglang_taper.stats import step_record
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        group = rng.integers(-1, 6, n)
+        kv = rng.integers(210, 900, n)
+        view = make_view([ordinary(f"s{i}", kv_len=int(k)) if g < 0
+                          else group_seqs(int(g), 1, kv_len=int(k))[0]
+                          for i, (g, k) in enumerate(zip(group, kv))], now=1.0)
+        keep = np.sort(rng.choice(n, int(rng.integers(0, n + 1)), replace=False))
+        names = {c: f"g{c}" for c in range(4)}  # codes 4, 5: no name
+        rec, widths = step_record(view, keep, names, 0.5, 0.01, 0.02, 9.0)
+        kept = [int(view.group[i]) for i in keep if view.group[i] >= 0]
+        want = {names.get(c, str(c)): kept.count(c) for c in sorted(set(kept))}
+        assert widths == want and list(widths) == list(want)
+        assert rec.groups == len({int(g) for g in view.group if g >= 0})
+        assert rec.branches == len(kept) and rec.max_width == max(want.values(), default=0)
+        assert rec.kept == len(keep) and rec.held == n - len(keep)
+        assert rec.kv == int(view.kv_len[keep].sum())

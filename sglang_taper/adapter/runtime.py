@@ -15,6 +15,7 @@ a fresh controller, as at launch, without restarting the server.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ import numpy as np
 
 from controller import Controller, PrefillView, StepResult, TaperConfig
 from sglang_taper.adapter import batch as surgery
-from sglang_taper.adapter.reqmeta import MAX_GROUPS, GroupCodes, ReqMeta, live_view, parse_request
+from sglang_taper.adapter.reqmeta import MAX_GROUPS, GroupCodes, LiveViews, ReqMeta, parse_request
 from sglang_taper.stats import TaperStats, step_record
 
 logger = logging.getLogger("sglang_taper")
@@ -75,6 +76,10 @@ class SchedulerRuntime:
         self.controller = Controller(config, cascade_gate=gate)
         self.stats = TaperStats(str(config.policy))
         self.groups = GroupCodes()
+        # one rank: views in a fixed order (decisions mapped to the batch's); under TP
+        # every rank applies rank 0's indices to its batch: views in the batch's order
+        self.views = LiveViews(canonical=scheduler.tp_size == 1)
+        self._uids = itertools.count()  # the requests' numbers, in order of attachment
         self.held = None  # the held-out part of the running batch, or None
         # forward_iter -> (decision, view, keep), or (None, seqs, KV tokens) for a
         # step run whole without asking the controller (Controller.observe_passthrough)
@@ -257,7 +262,7 @@ class SchedulerRuntime:
         self._inject("attach")
         if len(self.groups) > MAX_GROUPS:
             self.groups.prune(self._live_groups())
-        meta = req._taper = parse_request(req, self.config, self.groups)
+        meta = req._taper = parse_request(req, self.config, self.groups, next(self._uids))
         custom = req.sampling_params.custom_params
         group = custom.get("taper_group") if isinstance(custom, dict) else None
         self.stats.note_request(group if isinstance(group, str) else meta.group)
@@ -310,10 +315,12 @@ class SchedulerRuntime:
         view = self._view(reqs, now)
         self._inject("decide")
         decision = self.controller.decide(view)
-        keep = decision.keep
+        keep = decision.keep  # the view's indices; the batch's are `to_batch`'s
         if len(keep) < len(reqs):
             self._inject("split")
-            self.held = surgery.split(batch, keep, decision.held)
+            kept, held = self.views.to_batch(keep), self.views.to_batch(decision.held)
+            self.held = surgery.split(batch, kept, held)
+            self.views.reorder(kept, held)
         self._pending = (batch, decision, view, keep)
 
     def _regulate_tp(self, batch, reqs: list, now: float) -> None:
@@ -344,6 +351,7 @@ class SchedulerRuntime:
                 f"a fault on TP rank(s) {failed}; every rank runs whole"))
             return
         self.held = held
+        self.views.reorder(keep, held_idx)
         self._pending = (batch, None, view, keep)
 
     def _ranks_in_trouble(self, mine: bool) -> list[int]:
@@ -360,8 +368,8 @@ class SchedulerRuntime:
         return flags.nonzero().flatten().tolist()
 
     def _view(self, reqs: list, now: float):
-        return live_view(reqs, self._metas(reqs, now), now, len(self.scheduler.waiting_queue),
-                         self._queued())
+        return self.views.build(reqs, self._metas, now, len(self.scheduler.waiting_queue),
+                                self._queued())
 
     def _queued(self) -> PrefillView | None:
         """The prefill waiting behind this step, with the latency-critical requests
@@ -495,8 +503,9 @@ class SchedulerRuntime:
         self._inject("stats")
         rec, widths = step_record(view, keep, self.groups.names, decision.budget,
                                   decision.predicted, step_time, now)
-        # The decision digest tells TP ranks' decisions apart; one rank needs none.
-        self.stats.record(rec, widths, [view.ids[i] for i in keep] if self.tp_size > 1 else None)
+        # The decision digest tells TP ranks' decisions apart (by request id: the batch
+        # that ran is the kept part, in view order); one rank needs none.
+        self.stats.record(rec, widths, [r.rid for r in batch.reqs] if self.tp_size > 1 else None)
         if self._metrics is not None:
             self._metrics.observe(rec, widths)
         if now - self._last_log > _LOG_EVERY_S and self.stats.regulated_steps:
@@ -546,7 +555,7 @@ class SchedulerRuntime:
                    for m in (getattr(r, "_taper", None) for r in reqs)):
             return False  # no latency-critical request decoding: nothing to protect
         now = time.monotonic()
-        view = live_view(reqs, self._metas(reqs, now), now, len(sched.waiting_queue), None)
+        view = self.views.build(reqs, self._metas, now, len(sched.waiting_queue), None)
         deferred = not self.controller.admit_prefill(view, self._waiting_prefill())
         if deferred:
             self.stats.deferred_prefills += 1
@@ -612,6 +621,9 @@ class SchedulerRuntime:
             "overhead": {"hook_seconds": self.hook_seconds, "by_method_s": self.hook_split,
                          "decode_seconds": self.decode_seconds,
                          "hook_us_per_step": 1e6 * self.hook_seconds / max(1, self.stats.steps),
+                         # how the views were built: fixed rows reused whole, gathered, stacked
+                         "views": {"reused": self.views.reused, "gathered": self.views.gathered,
+                                   "stacked": self.views.stacked},
                          "fraction_of_decode": self.hook_seconds / max(1e-9,
                                                                        self.decode_seconds)},
             "predictor": {"weights": pred.w.tolist(),  # the raw fit, seconds per scaled unit

@@ -7,7 +7,9 @@ run), and a py-spy profile of the scheduler (py-spy is no dependency:
 
 SCALE: the fidelity default case's programs times this (1: 40). Prints the
 figures (hook-split.txt holds one run's output); the profile's raw stacks go
-to PROFILE_OUT (default /tmp/hook-split-pyspy.txt).
+to PROFILE_OUT (default /tmp/hook-split-pyspy.txt). SPY_S and SPY_HZ set
+py-spy's duration (default 60 s; 0: no profile) and rate (default 50 Hz);
+RATE the programs/s (default 35%, of the capacity the calibration measured).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def main() -> None:
     bench = bench_cli.LiveBench(fidelity.case_ns("default", "taper", 0, out, scale))
     with bench.server("taper") as srv:
         bench.calibrated(srv)
-        rate = options.parse_rate("35%").resolve(bench.result["capacity_programs_per_s"][0])
+        rate = options.parse_rate(os.environ.get("RATE", "35%")).resolve(
+            bench.result["capacity_programs_per_s"][0])
         kids = psutil.Process(srv.proc.proc.pid).children(recursive=True)
         sched = [k.pid for k in kids if "scheduler" in " ".join(k.cmdline()).lower()]
 
@@ -47,13 +50,15 @@ def main() -> None:
                 return json.loads(r.read())
 
         s0 = stats()
-        spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "-p",
-                                str(sched[0] if sched else srv.proc.proc.pid), "-d", "60",
-                                "-r", "50", "-f", "raw", "-o", prof, "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spy = None if os.environ.get("SPY_S") == "0" else subprocess.Popen(
+            [str(ROOT / ".venv/bin/py-spy"), "record", "-p",
+             str(sched[0] if sched else srv.proc.proc.pid), "-d", os.environ.get("SPY_S", "60"),
+             "-r", os.environ.get("SPY_HZ", "50"), "-f", "raw", "-o", prof, "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         live = bench.probe(srv, 0, rate)
         s1 = stats()
-        spy.wait()
+        if spy is not None:
+            spy.wait()
     o0, o1 = s0["overhead"], s1["overhead"]
     print("attainment", live["summary"]["slo_attainment"], "TPOT", live["summary"]["tpot_s"])
     print("steps", s1["steps"] - s0["steps"], "held branch-steps",
@@ -62,6 +67,8 @@ def main() -> None:
           o1["decode_seconds"] - o0["decode_seconds"])
     for k, v in sorted(o1["by_method_s"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:20s} {v - o0['by_method_s'].get(k, 0):.3f} s")
+    if "views" in o1:  # LiveViews' counts (a server without it has none)
+        print("views", {k: v - o0["views"][k] for k, v in o1["views"].items()})
 
 
 if __name__ == "__main__":
