@@ -7,8 +7,9 @@ equal to a copy taken when it was recorded: an engine that rebuilds its ids
 only when the batch's membership changes, as the simulator does), positions
 are the same sequences and a step costs a few array operations. Otherwise the
 held sequences are matched by id: through a table indexed by id when the ids
-are small non-negative integers in a numpy array (the simulator's request
-numbers), else one dict lookup per held sequence.
+are integers in a numpy array spread over fewer than ID_LIMIT (the simulator's
+request numbers, the SGLang adapter's), sized by the span of the ids in use,
+else one dict lookup per held sequence.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from itertools import repeat
 import numpy as np
 
 NOT_HELD = np.iinfo(np.int64).max  # `since` of a sequence the last step ran
-ID_LIMIT = 1 << 22  # integer ids below this go through the id table (16 bytes per id)
+ID_LIMIT = 1 << 20  # integer ids spread over fewer go through the id table (16 bytes an id)
 _NONE = np.zeros(0, dtype=np.int64)
 
 
@@ -39,8 +40,13 @@ class HoldRuns:
         # The id table: `since` by id as of the last record, valid where `_stamp` holds
         # the number of the flush that wrote it (an id seen before but not in the last
         # record's view is not held, as the dict by id forgets it).
+        # The table covers the ids [_base, _base + its length): only the last record's
+        # entries are ever valid, so when new ids fall outside it a fresh table is
+        # made around the live ids and the last record written in again; its size
+        # follows the span of the ids in use, not the largest id ever seen.
         self._table_ok = False  # the recorded ids can index the table
-        self._snap_bound = 0  # the table size they need
+        self._snap_span = (0, 0)  # their smallest id and largest + 1
+        self._base = 0
         self._table = np.zeros(0, dtype=np.int64)
         self._stamp = np.zeros(0, dtype=np.int64)
         self._flushes = 0
@@ -59,12 +65,12 @@ class HoldRuns:
         positions `held` (both ascending) of its view's `ids`."""
         step = self.steps
         self.steps += 1
-        bound = None
+        span = None
         if self._same(ids):
             since = self._since  # per position still: a held one's run goes on
             self._held_ids = None
-        elif (bound := _bound(ids)) is not None and self._table_ok:
-            since = self._carried(ids, bound)
+        elif (span := _span(ids)) is not None and self._table_ok:
+            since = self._carried(ids, span)
             self._held_ids = None
         else:
             by_id = self.by_id()
@@ -74,7 +80,7 @@ class HoldRuns:
                                       len(listed))
             self._held_ids = listed
         if since is not self._since:
-            self._ids, self._table_ok, self._snap_bound = ids, bound is not None, bound
+            self._ids, self._table_ok, self._snap_span = ids, span is not None, span
             self._snap = (ids.copy() if isinstance(ids, np.ndarray) or type(ids) is list
                           else None)
             if isinstance(ids, np.ndarray):
@@ -99,26 +105,30 @@ class HoldRuns:
         self.steps += steps
         self._first = self.steps - self.max_hold_steps
 
-    def _carried(self, ids: np.ndarray, bound: int) -> np.ndarray:
-        """`since` as of the last record for each of `ids` (integers below `bound`,
-        see `_bound`), NOT_HELD for those it did not hold, through the id table."""
+    def _carried(self, ids: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+        """`since` as of the last record for each of `ids` (integers in `span`, see
+        `_span`), NOT_HELD for those it did not hold, through the id table."""
+        spans = [sp for sp in (span, self._snap_span) if sp[1] > sp[0]]
+        if not spans:  # no ids now, none recorded
+            return np.full(len(ids), NOT_HELD, dtype=np.int64)
+        lo, hi = min(sp[0] for sp in spans), max(sp[1] for sp in spans)
+        base = self._base
+        if lo < base or hi > base + len(self._table):
+            # a fresh table around the ids in use (room to grow upwards, as new
+            # requests' ids do); the last record is written in again below
+            size = max(64, 2 * (hi - lo))
+            self._base = base = lo
+            self._table = np.zeros(size, dtype=np.int64)
+            self._stamp = np.zeros(size, dtype=np.int64)
+            self._flushed = False
         if not self._flushed:  # write the last record in
-            snap = self._snap
-            self._grow(self._snap_bound)
+            snap = self._snap - base
             self._flushes += 1
             self._table[snap] = self._since
             self._stamp[snap] = self._flushes
             self._flushed = True
-        self._grow(bound)
-        return np.where(self._stamp[ids] == self._flushes, self._table[ids], NOT_HELD)
-
-    def _grow(self, size: int) -> None:
-        if size > len(self._table):
-            size = max(size, 2 * len(self._table))
-            self._table = np.concatenate([self._table, np.zeros(size - len(self._table),
-                                                                dtype=np.int64)])
-            self._stamp = np.concatenate([self._stamp, np.zeros(size - len(self._stamp),
-                                                                dtype=np.int64)])
+        at = ids - base
+        return np.where(self._stamp[at] == self._flushes, self._table[at], NOT_HELD)
 
     def _names(self, positions: np.ndarray) -> list | np.ndarray:
         """The recorded ids at `positions` (held ones, ascending)."""
@@ -145,8 +155,8 @@ class HoldRuns:
             return None
         if self._same(ids):
             return self._starved
-        if self._table_ok and (bound := _bound(ids)) is not None:
-            return self._carried(ids, bound) <= self._first
+        if self._table_ok and (span := _span(ids)) is not None:
+            return self._carried(ids, span) <= self._first
         names = self._names(self._starved.nonzero()[0])
         names = set(names.tolist() if isinstance(names, np.ndarray) else names)
         return np.fromiter((s in names for s in ids), bool, len(ids))
@@ -157,12 +167,12 @@ class HoldRuns:
         return 0 if since is None else self.steps - since
 
 
-def _bound(ids: Sequence) -> int | None:
-    """The id table's size that `ids` need (their largest + 1), or None if they
-    cannot index it: not a numpy array of integers in [0, ID_LIMIT)."""
+def _span(ids: Sequence) -> tuple[int, int] | None:
+    """The smallest of `ids` and their largest + 1, or None if they cannot index the
+    id table: not a numpy array of integers, or spread over ID_LIMIT or more."""
     if not (isinstance(ids, np.ndarray) and ids.dtype.kind in "iu"):
         return None
     if not len(ids):
-        return 0
-    top = int(np.maximum.reduce(ids))
-    return top + 1 if np.minimum.reduce(ids) >= 0 and top < ID_LIMIT else None
+        return (0, 0)
+    lo, top = int(np.minimum.reduce(ids)), int(np.maximum.reduce(ids))
+    return (lo, top + 1) if top - lo < ID_LIMIT else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +236,15 @@ def test_fidelity_cases_parse_as_taper_bench_and_compare_figure_by_figure(capsys
     assert fidelity.main(["--cases", "default,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
     assert fidelity.main(["--cases", "default", "--policy", "nonsense"]) == 2
+    # --load: a case's own load replaced, checked before any server starts
+    ns = fidelity.case_ns("default", "taper", 0, Path("/tmp"), 1, "20%")
+    assert ns.request_rate == "20%"
+    assert fidelity.case_ns("default", "taper", 0, Path("/tmp")).request_rate == \
+        fidelity.CASES["default"][2]
+    assert fidelity.main(["--cases", "default", "--load", "nonsense=5%"]) == 2
+    assert fidelity.main(["--cases", "default", "--load", "default=0%"]) == 2
+    with pytest.raises(SystemExit):
+        fidelity.main(["--cases", "default", "--load", "default"])
 
 
 def test_interleave_keeps_every_server_up_and_alternates_their_probes(monkeypatch):

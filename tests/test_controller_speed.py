@@ -172,6 +172,48 @@ def test_runs_of_holds_match_the_dict_by_id(kind):
             assert holds.held_steps(n) == (ref.step - ref.since[n] if n in ref.since else 0)
 
 
+def test_runs_of_holds_by_ever_growing_ids_keep_a_table_the_size_of_their_span():
+    """Integer ids that only grow (the SGLang adapter numbers requests as they
+    come, for the server's life): the same runs and starved set as the dict by
+    id, through a table rebuilt around the ids in use, whose size follows their
+    span, not the largest id; while one old id keeps the span at ID_LIMIT or
+    more, the dict."""
+    from controller.holds import ID_LIMIT
+
+    rng = np.random.default_rng(11)
+    holds, ref = HoldRuns(3), _ReferenceHolds(3)
+    nxt, members, starved = 10, list(range(10)), frozenset()
+    old, paths, tables, spans = None, set(), [], []
+    for step in range(700):
+        if step % 50 == 49:
+            nxt += 400_000  # a jump: many requests served elsewhere meanwhile
+        if step == 100:
+            old = members[0]  # stays until the numbers pass it by ID_LIMIT
+        if rng.random() < 0.3:  # some leave; new ones join with the next numbers
+            members = [m for m in members if m == old or rng.random() > 0.3]
+            members += list(range(nxt, nxt + 3))
+            nxt += 3
+        if old is not None and nxt - old > ID_LIMIT + 400_000:
+            members.remove(old)
+            old = None
+        ids = np.array(members, dtype=np.int64)
+        mask = holds.starved(ids)
+        got = {int(n) for n, m in zip(ids, mask) if m} if mask is not None else set()
+        assert got == {int(n) for n in ids if int(n) in starved}
+        held = np.sort(rng.choice(len(ids), int(rng.integers(0, len(ids) + 1)),
+                                  replace=False)).astype(np.int64)
+        holds.record(ids, np.setdiff1d(np.arange(len(ids)), held), held)
+        starved = ref.record([int(ids[i]) for i in held])
+        assert holds.by_id() == ref.since
+        paths.add(holds._table_ok)
+        tables.append(len(holds._table))
+        spans.append(int(ids.max() - ids.min()) + 1)
+    assert nxt > 4 * ID_LIMIT and old is None
+    assert paths == {True, False}  # the table, and the dict while the old id stayed
+    assert max(tables) <= 4 * ID_LIMIT + 64
+    assert tables[-1] <= 64 + 4 * max(spans[-60:])  # back to the span of the ids in use
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31))
 def test_the_slack_from_a_composition_is_the_plain_one(seed):

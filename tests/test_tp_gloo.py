@@ -169,12 +169,22 @@ def _scenario(rank: int, fault: str | None, records: list[dict]) -> None:
             running.reqs = running.reqs + new
         running.filter_batch([j for j, r in enumerate(running.reqs)
                               if len(r.output_ids) < r.sampling_params.max_new_tokens])
-        candidates = [r.rid for r in running.reqs]
+        candidates_reqs = list(running.reqs)
+        candidates = [r.rid for r in candidates_reqs]
         rt.guard("regulate", rt.regulate, running)
         rec = {"step": i, "candidates": candidates, "kept": [r.rid for r in running.reqs],
                "held": [] if rt.held is None else [r.rid for r in rt.held.reqs],
                "local": None}
         pending = rt._pending  # (batch, decision, view, keep) of the step being built
+        rids = {r._taper.uid: r.rid for r in candidates_reqs if getattr(r, "_taper", None)}
+        if pending is not None and pending[2] is not None:
+            # under TP the view's rows are the batch's, in its order (rank 0's indices
+            # are applied to every rank's batch as they are)
+            rec["view_order"] = [rids.get(int(u)) for u in pending[2].ids] == candidates
+        if (rank == 0 and pending is not None and pending[0] is running
+                and rt._rank0_decision is not None):  # what rank 0 decided this step
+            d = rt._rank0_decision
+            rec["decided"] = sorted(rids[int(u)] for u in d.ids[d.keep])
         if rank != 0 and pending is not None and pending[2] is not None:
             # What this rank would have kept had it decided for itself (decide is pure).
             rec["local"] = [candidates[j] for j in rt.controller.decide(pending[2]).keep]
@@ -298,6 +308,11 @@ def test_every_rank_runs_rank0s_decision_every_step(runs):
     differ = sum(b["local"] is not None and b["local"] != a["kept"] for a, b in zip(r0, r1))
     assert differ >= 5, f"rank 1's own decisions differed at only {differ} steps"
     assert all(rec["regulating"] and rec["degraded"] is None for rec in r0 + r1)
+    # What ran is what rank 0's controller decided, and every view was in batch order.
+    decided = [a for a in r0 if "decided" in a]
+    assert len(decided) >= 30 and all(sorted(a["kept"]) == a["decided"] for a in decided)
+    assert all(rec.get("view_order", True) for rec in r0 + r1)
+    assert sum("view_order" in rec for rec in r0 + r1) >= 60
 
 
 @pytest.mark.parametrize("name", ["rank0_decide", "rank0_observe"])

@@ -42,7 +42,7 @@ class ReqMeta:
     critical: bool  # latency-critical (ordinary request or serial stage)
     prompt: int  # prompt tokens
     max_new: int  # the request's max_new_tokens (0: unknown)
-    uid: int = 0  # this scheduler's number for the request (the view's id)
+    uid: int  # this scheduler's number for the request (the view's id): unique among its live
     first: float = math.nan  # seconds, when its first token was seen; NaN before
     shared: int = 0  # prompt tokens that came from the radix cache (its group's prefix)
 
@@ -91,7 +91,7 @@ class GroupCodes:
         return len(gone)
 
 
-def parse_request(req, config: TaperConfig, groups: GroupCodes, uid: int = 0) -> ReqMeta:
+def parse_request(req, config: TaperConfig, groups: GroupCodes, uid: int) -> ReqMeta:
     """The metadata of a new request (ordinary when it carries bad metadata: the
     HTTP server already answered such input with a 400, this is a second line);
     `uid`: the scheduler's number for it."""
@@ -169,6 +169,16 @@ class LiveViews:
         return view_from_columns(ids, ints, floats, now, waiting=waiting, queued=queued,
                                  pinned=pinned, generated=generated)
 
+    @property
+    def holding(self) -> bool:
+        """Whether the last view's requests are still referenced here."""
+        return bool(self._reqs)
+
+    def clear(self) -> None:
+        """Forget the last view (and let go of its requests): the batch emptied."""
+        self._reqs, self._batch, self._blocks, self._pos, self._to_batch = [], [], None, None, None
+        self._stamped = False
+
     def to_batch(self, rows: np.ndarray) -> np.ndarray:
         """The batch's indices (ascending) of the last view's `rows`."""
         return rows if self._to_batch is None else np.sort(self._to_batch[rows])
@@ -224,8 +234,10 @@ def _rows(ms: list[ReqMeta]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ids and the fixed rows of the two blocks (GENERATED left 0) of `ms`."""
     n = len(ms)
     ids = np.fromiter((m.uid for m in ms), np.int64, n)
-    ints = np.array([(m.code, m.branch, m.width, m.shared, 0, m.max_new, m.prompt, m.critical)
-                     for m in ms], dtype=np.int64).reshape(n, -1).T
-    floats = np.array([(m.ttft, m.tpot, m.arrival, m.first) for m in ms],
-                      dtype=np.float64).reshape(n, -1).T
+    # row-major, as the view reads them (gathers and permutations of them stay so)
+    ints = np.ascontiguousarray(np.array(
+        [(m.code, m.branch, m.width, m.shared, 0, m.max_new, m.prompt, m.critical) for m in ms],
+        dtype=np.int64).reshape(n, -1).T)
+    floats = np.ascontiguousarray(np.array(
+        [(m.ttft, m.tpot, m.arrival, m.first) for m in ms], dtype=np.float64).reshape(n, -1).T)
     return ids, ints, floats

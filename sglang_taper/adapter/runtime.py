@@ -147,6 +147,7 @@ class SchedulerRuntime:
         self.hook_split = {}
         self.decode_seconds = 0.0
         self.prefill_seconds = 0.0
+        self.views.reused = self.views.gathered = self.views.stacked = 0
 
     def rearm(self) -> bool:
         """POST /taper/rearm: after a fault, regulate again without a restart

@@ -86,7 +86,14 @@ class SchedulerHooks:
             scheduler.running_batch = rt.merge_into(scheduler.running_batch)
 
     def before_ingest(self, scheduler, *args, **kwargs):
-        self._merge_held(scheduler)
+        rt = self.runtime
+        if rt is None:
+            return
+        if rt.held is not None:
+            self._merge_held(scheduler)
+        elif rt.views.holding and not getattr(getattr(scheduler, "running_batch", None),
+                                              "reqs", None):
+            rt.views.clear()  # nothing decodes: let go of the last view's requests
 
     def before_next_batch(self, scheduler, *args, **kwargs):
         rt = self.runtime
