@@ -1,7 +1,7 @@
 """Simulated vs live, workload by workload (CPU engine): `python -m bench.sim.fidelity`.
 
     .venv/bin/python -m bench.sim.fidelity [--cases default,parallel-reasoning,mooncake]
-        [--policy taper] [--seed 0] [--repeats 2] [--scale 1]
+        [--policy taper] [--seed 0] [--repeats 2] [--scale 1] [--load CASE=RATE,...]
         [--result-dir DIR (default results/fidelity)]
 
 Per case (a `taper bench` workload and a load, `CASES`): a fresh `taper serve`
@@ -70,12 +70,14 @@ def compare(live: dict, sim: dict) -> list[dict]:
     return rows
 
 
-def case_ns(name: str, policy: str, seed: int, out: Path, scale: int = 1) -> argparse.Namespace:
-    """The case's `taper bench` options, validated (ValueError: a bad one)."""
+def case_ns(name: str, policy: str, seed: int, out: Path, scale: int = 1,
+            load: str | None = None) -> argparse.Namespace:
+    """The case's `taper bench` options, validated (ValueError: a bad one); `load`
+    instead of the case's own (a share of capacity, or programs/s)."""
     from bench import cli as bench_cli
     from bench import options
 
-    load = CASES[name][2]
+    load = load or CASES[name][2]
     ns = bench_cli.parse([*case_flags(name, scale), "--policies", policy, "--seed", str(seed),
                           "--request-rate", load, "--result-dir", str(out / name),
                           "--no-plots"])
@@ -120,7 +122,7 @@ MODELS = (
 
 
 def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
-             scale: int = 1) -> dict:
+             scale: int = 1, load: str | None = None) -> dict:
     """The live half of a case: a traced server, calibrated, then `repeats`
     times the workload at the case's load and the calibration again
     (`simulate_case` is the other half). Times are the client's monotonic
@@ -129,10 +131,10 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
     from bench import options
     from sglang_taper.adapter.runtime import ENV_TRACE
 
-    load = CASES[name][2]
+    load = load or CASES[name][2]
     case_dir = out / name
     case_dir.mkdir(parents=True, exist_ok=True)
-    ns = case_ns(name, policy, seed, out, scale)
+    ns = case_ns(name, policy, seed, out, scale, load)
     bench = bench_cli.LiveBench(ns)
     trace_path = case_dir / "steps.csv"
     trace_path.unlink(missing_ok=True)
@@ -209,7 +211,8 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                          if k in case}]
         for k in ("models", "rows"):
             case.pop(k, None)
-    ns = case_ns(name, case["policy"], case["seed"], case_dir.parent, case.get("scale", 1))
+    ns = case_ns(name, case["policy"], case["seed"], case_dir.parent, case.get("scale", 1),
+                 case.get("load"))
     trace_path = case_dir / "steps.csv"
     cal_path = case_dir / "live_cost_model.json"
     cal_path.write_text(json.dumps(case["calibration"]["fit"], indent=1))
@@ -440,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=1,
                    help="programs per live run times this (default 1: 40, 20 and 40; a "
                         "p50/p99 of a few dozen programs hinges on a request or two)")
+    p.add_argument("--load", default="", metavar="CASE=RATE,...",
+                   help="a case's load instead of its own ("
+                        + ", ".join(f"{k} {v[2]}" for k, v in CASES.items())
+                        + "): a share of the capacity the calibration measures, or "
+                          "programs/s; e.g. default=20%%,parallel-reasoning=15%%")
     p.add_argument("--result-dir", default="results/fidelity")
     p.add_argument("--resim", action="store_true",
                    help="no live runs: simulate again the cases stored in --result-dir "
@@ -450,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     if ns.resim:
         return resim(Path(ns.result_dir))
     cases = [c for c in ns.cases.split(",") if c]
-    unknown = [c for c in cases if c not in CASES]
+    loads = dict(item.partition("=")[::2] for item in ns.load.split(",") if item)
+    if not all(loads.values()):
+        p.error(f"--load takes CASE=RATE,..., got {ns.load!r}")
+    unknown = [c for c in [*cases, *loads] if c not in CASES]
     if unknown or not cases:
         print(f"fidelity: error: unknown case(s) {unknown}; choose from {', '.join(CASES)}",
               file=sys.stderr)
@@ -458,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.result_dir)
     try:  # every case's options before the first server starts
         for name in cases:
-            case_ns(name, ns.policy, ns.seed, out, ns.scale)
+            case_ns(name, ns.policy, ns.seed, out, ns.scale, loads.get(name))
     except ValueError as e:
         print(f"fidelity: error: {e}", file=sys.stderr)
         return 2
@@ -467,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"kind": "fidelity", "argv": sys.argv[1:], "policy": ns.policy, "seed": ns.seed,
               "repeats": ns.repeats, "scale": ns.scale, "cases": []}
     for name in cases:
-        case = run_case(name, ns.policy, ns.seed, out, ns.repeats, ns.scale)
+        case = run_case(name, ns.policy, ns.seed, out, ns.repeats, ns.scale, loads.get(name))
         result["cases"].append(case)  # the live run is kept even if simulating it fails
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
         _simulate_or_note(case, out / name)
