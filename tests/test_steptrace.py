@@ -157,6 +157,9 @@ def test_a_stored_live_run_simulates_again(tmp_path):
     md = fidelity.markdown({"policy": "taper", "seed": 0, "cases": [out]})
     assert md.count("| sim on ") == len(fidelity.MODELS)
     assert "| bracket_speed | 8 of 8 | 8 of 8 |" in md  # within 10%, both runs
+    assert f"programs/s = {out['load']} of capacity;" in md
+    absolute = fidelity.markdown({"policy": "taper", "seed": 0, "cases": [{**out, "load": "0.4"}]})
+    assert "programs/s (an absolute rate);" in absolute  # --load CASE=0.4
 
 
 def test_host_speed_is_the_run_against_the_model_per_bin(tmp_path):

@@ -412,8 +412,10 @@ def markdown(result: dict) -> str:
         after = ", ".join(f"{1e3 * r['tpot_after_s']:.2f}" for r in c["runs"]
                           if "tpot_after_s" in r)
         after = f", {after} ms at the one after each run" if after else ""
+        load = (f" = {c['load']} of capacity" if str(c["load"]).endswith("%")
+                else " (an absolute rate)")
         lines += [f"**{c['case']}** (`{' '.join(c['flags']) or 'the default workload'}`, "
-                  f"{c['rate']:.3g} programs/s = {c['load']} of capacity; isolated TPOT "
+                  f"{c['rate']:.3g} programs/s{load}; isolated TPOT "
                   f"{1e3 * cal['tpot_s']:.2f} ms at the first calibration{after}; TTFT "
                   f"{1e3 * cal['ttft_s']:.1f} ms)", ""]
         if c.get("sim_error"):
