@@ -138,7 +138,6 @@ def run(policy: str, ns, profile: cProfile.Profile | None = None, fresh_views: b
         sched.running_batch = batch
         merge_s = 0.0
         decisions = []
-        views_fresh = {"reused": 0, "gathered": 0, "stacked": 0}
         seqs = held = 0
         cpu0 = time.process_time()
         if profile is not None:
@@ -150,9 +149,7 @@ def run(policy: str, ns, profile: cProfile.Profile | None = None, fresh_views: b
             sched.running_batch = batch
             n_all = len(batch.reqs)
             if fresh_views:
-                for k in views_fresh:
-                    views_fresh[k] += getattr(getattr(rt, "views", None), k, 0) or 0
-                rt.views = reqmeta.LiveViews()
+                rt.views.clear()
             rt.guard("regulate", rt.regulate, batch)
             seqs += n_all
             held += n_all - len(batch.reqs)
@@ -197,9 +194,8 @@ def run(policy: str, ns, profile: cProfile.Profile | None = None, fresh_views: b
             "hooks_us_per_step": sum(split.values()),
             "cpu_us_per_step": 1e6 * cpu / steps, "faults": rt.stats.faults,
             # how LiveViews built the views (None: a tree without it)
-            "views": views_fresh if fresh_views else {
-                k: getattr(getattr(rt, "views", None), k, None)
-                for k in ("reused", "gathered", "stacked")},
+            "views": rt.views.counts() if hasattr(rt, "views") else {
+                k: None for k in ("reused", "gathered", "stacked")},
             **({"decisions": decisions, "stats": rt.stats.to_dict()} if record else {})}
 
 

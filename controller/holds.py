@@ -37,13 +37,12 @@ class HoldRuns:
         self._held_ids: list | None = []  # the held ids, in position order, when listed
         self._starved: np.ndarray | None = None  # per position: held max_hold_steps or more
         self._first = 0  # at the last record, held since this step or earlier: starved
-        # The id table: `since` by id as of the last record, valid where `_stamp` holds
-        # the number of the flush that wrote it (an id seen before but not in the last
-        # record's view is not held, as the dict by id forgets it).
-        # The table covers the ids [_base, _base + its length): only the last record's
-        # entries are ever valid, so when new ids fall outside it a fresh table is
-        # made around the live ids and the last record written in again; its size
-        # follows the span of the ids in use, not the largest id ever seen.
+        # The id table: `since` by id as of the last record, for the ids [_base, _base +
+        # its length), valid where `_stamp` holds the number of the flush that wrote it
+        # (an id seen before but not in the last record's view is not held, as the dict
+        # by id forgets it). Only the last record's entries are ever valid, so ids out of
+        # its range get a fresh table around the ids in use, the last record written in
+        # again: its size follows their span, not the largest id ever seen.
         self._table_ok = False  # the recorded ids can index the table
         self._snap_span = (0, 0)  # their smallest id and largest + 1
         self._base = 0

@@ -140,15 +140,26 @@ class LiveViews:
 
     def __init__(self, canonical: bool = True) -> None:
         self.canonical = canonical
+        self.clear()
+        self.reset_counts()
+
+    def clear(self) -> None:
+        """Forget the last view (and let go of its requests): the next is stacked."""
         self._reqs: list = []  # the requests in view order
         self._blocks: tuple | None = None  # (ids, ints, floats) of _reqs
         self._stamped = False  # every row of the blocks has its first-token stamp
         self._pos: dict | None = None  # id(req) -> its column, stamped rows only
         self._batch: list = []  # the requests in the order the next batch has them
         self._to_batch: np.ndarray | None = None  # view row -> batch row; None: the same
+
+    def reset_counts(self) -> None:
         self.reused = 0  # views that reused the blocks whole
         self.gathered = 0  # views that gathered some columns
         self.stacked = 0  # views stacked afresh
+
+    def counts(self) -> dict[str, int]:
+        """How the views were built: fixed rows reused whole, gathered, stacked."""
+        return {"reused": self.reused, "gathered": self.gathered, "stacked": self.stacked}
 
     def build(self, reqs: list, metas, now: float, waiting: int,
               queued: PrefillView | None) -> StepView:
@@ -173,11 +184,6 @@ class LiveViews:
     def holding(self) -> bool:
         """Whether the last view's requests are still referenced here."""
         return bool(self._reqs)
-
-    def clear(self) -> None:
-        """Forget the last view (and let go of its requests): the batch emptied."""
-        self._reqs, self._batch, self._blocks, self._pos, self._to_batch = [], [], None, None, None
-        self._stamped = False
 
     def to_batch(self, rows: np.ndarray) -> np.ndarray:
         """The batch's indices (ascending) of the last view's `rows`."""

@@ -147,7 +147,7 @@ class SchedulerRuntime:
         self.hook_split = {}
         self.decode_seconds = 0.0
         self.prefill_seconds = 0.0
-        self.views.reused = self.views.gathered = self.views.stacked = 0
+        self.views.reset_counts()
 
     def rearm(self) -> bool:
         """POST /taper/rearm: after a fault, regulate again without a restart
@@ -622,9 +622,7 @@ class SchedulerRuntime:
             "overhead": {"hook_seconds": self.hook_seconds, "by_method_s": self.hook_split,
                          "decode_seconds": self.decode_seconds,
                          "hook_us_per_step": 1e6 * self.hook_seconds / max(1, self.stats.steps),
-                         # how the views were built: fixed rows reused whole, gathered, stacked
-                         "views": {"reused": self.views.reused, "gathered": self.views.gathered,
-                                   "stacked": self.views.stacked},
+                         "views": self.views.counts(),
                          "fraction_of_decode": self.hook_seconds / max(1e-9,
                                                                        self.decode_seconds)},
             "predictor": {"weights": pred.w.tolist(),  # the raw fit, seconds per scaled unit
