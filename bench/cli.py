@@ -53,6 +53,11 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
+def records_path(result_dir: str | Path, policy: str, seed: int, rate: float) -> Path:
+    """Where --save-records writes a run's program records (JSONL)."""
+    return Path(result_dir) / f"records-{policy.replace(':', '')}-s{seed}-r{rate:.4g}.jsonl"
+
+
 class LiveBench:
     """State of one `taper bench` invocation."""
 
@@ -130,8 +135,7 @@ class LiveBench:
         bar.close()
         records = out.pop("records")
         if self.ns.save_records:
-            path = Path(self.ns.result_dir) / (f"records-{srv.policy.replace(':', '')}-s{seed}-"
-                                               f"r{rate:.4g}.jsonl")
+            path = records_path(self.ns.result_dir, srv.policy, seed, rate)
             path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
         cap = self.result["capacity_programs_per_s"][seed]
         run = {"policy": srv.policy, "seed": seed, "rate": rate, "load": rate / cap,

@@ -247,6 +247,22 @@ def test_fidelity_cases_parse_as_taper_bench_and_compare_figure_by_figure(capsys
         fidelity.main(["--cases", "default", "--load", "default"])
 
 
+def test_fidelity_keeps_each_live_runs_records_under_its_own_name(tmp_path):
+    """Both live runs of a case share a rate, so --save-records writes them to one
+    name: fidelity moves each away (gzipped) before the next run writes it."""
+    import gzip
+
+    from bench.cli import records_path
+    from bench.sim import fidelity
+
+    for i, text in enumerate(['{"pid": "p00000"}\n', '{"pid": "p00001"}\n']):
+        records_path(tmp_path, "cap:2", 0, 0.38).write_text(text)
+        fidelity._keep_records(tmp_path, "cap:2", 0, 0.38, i)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["run1_records.jsonl.gz",
+                                                          "run2_records.jsonl.gz"]
+    assert gzip.open(tmp_path / "run2_records.jsonl.gz", "rt").read() == '{"pid": "p00001"}\n'
+
+
 def test_interleave_keeps_every_server_up_and_alternates_their_probes(monkeypatch):
     """taper bench --sweep --interleave, wired with stand-in servers: every server
     starts (with --sleep-on-idle) before the first probe and stops after the last,

@@ -157,6 +157,14 @@ def test_a_stored_live_run_simulates_again(tmp_path):
     md = fidelity.markdown({"policy": "taper", "seed": 0, "cases": [out]})
     assert md.count("| sim on ") == len(fidelity.MODELS)
     assert "| bracket_speed | 8 of 8 | 8 of 8 |" in md  # within 10%, both runs
+    # bracket_drift: the median of its draws, which lies within them
+    for run in out["runs"]:
+        drift = run["models"]["bracket_drift"]
+        for row in drift["rows"]:
+            d = drift["draws"][row["figure"]]
+            assert d["n"] == fidelity.DRIFT_DRAWS
+            assert d["min"] - 1e-12 <= row["rel_diff"] <= d["max"] + 1e-12
+    assert "bracket_drift over its 9 draws, sim/live - 1 from p10 to p90" in md
     assert f"programs/s = {out['load']} of capacity;" in md
     absolute = fidelity.markdown({"policy": "taper", "seed": 0, "cases": [{**out, "load": "0.4"}]})
     assert "programs/s (an absolute rate);" in absolute  # --load CASE=0.4
@@ -238,3 +246,94 @@ def test_a_case_stored_with_one_run_simulates_as_one(tmp_path):
     assert len(out["runs"]) == 1 and out["repeat"] is None
     assert set(out["runs"][0]["models"]) == {"calibration", "trace_before", "trace_run"}
     assert "| trace_run | " in fidelity.markdown({"policy": "taper", "seed": 0, "cases": [out]})
+
+
+def test_drift_draws_are_the_other_runs_speed_rotated():
+    from bench.sim import fidelity
+
+    speed = ((0.0, 5.0, 10.0, 15.0), (1.0, 1.5, 0.8, 1.2))
+    draws = fidelity.drift_draws(speed, 5)
+    assert len(draws) == 5 and draws[0] == speed  # as it ran, first
+    for times, factors in draws[1:]:
+        assert times == speed[0] and sorted(factors) == sorted(speed[1])
+        k = factors.index(1.0)
+        assert factors == speed[1][-k:] + speed[1][:-k]  # a rotation, by 1-3
+        assert k != 0
+    assert fidelity.drift_draws(speed, 5) == draws  # seeded
+    assert fidelity.drift_draws(((0.0,), (1.3,)), 3) == [((0.0,), (1.3,))] * 3
+
+
+def test_medians_over_draws_and_runs():
+    from bench.sim import fidelity
+
+    def summary(goodput, p99):
+        return {"goodput": goodput, "slo_attainment": goodput / 2,
+                "tpot_s": {"p50": 0.005, "p99": p99}}
+
+    sims = [summary(0.2, 0.010), summary(0.3, 0.030), summary(0.25, 0.012)]
+    med = fidelity.median_summary(sims)
+    assert med == summary(0.25, 0.012)
+    spread = fidelity.draw_spread(summary(0.25, 0.010), sims)
+    assert spread["goodput"]["min"] == pytest.approx(-0.2)
+    assert spread["goodput"]["max"] == pytest.approx(0.2)
+    assert spread["TPOT p99"]["p90"] == pytest.approx(1.64)  # 0.2 + 0.8 x (2.0 - 0.2)
+    assert fidelity.draw_spread(summary(0.0, 0.010), sims)["goodput"] is None
+    # three runs: each figure's median over the live runs against the simulations'
+    runs = [{"live": summary(g, 0.01), "models": {"bracket": {"sim": summary(1.1 * g, 0.011)}}}
+            for g in (0.2, 0.3, 0.4)]
+    runs[2]["models"]["other_run"] = {"sim": summary(0.4, 0.01)}  # not in every run: left out
+    got = fidelity.medians_over_runs(runs)
+    assert list(got) == ["bracket"]
+    assert [round(r["rel_diff"], 6) for r in got["bracket"]] == [0.1, 0.1, 0.0, 0.1]
+    md = fidelity.median_rows({"runs": runs, "median_over_runs": got})
+    assert md[0] == "Each figure's median over the 3 runs, sim/live - 1:"
+    assert "| bracket | +10.0% | +10.0% | +0.0% | +10.0% |" in md
+    assert fidelity.median_rows({"runs": runs[:2], "median_over_runs": None}) == []
+
+
+def test_tail_windows_read_the_slowest_requests_steps_against_the_middle(tmp_path):
+    """Steps at the model for 5 s (2 sequences), then twice the model with a
+    longer gap (4 sequences): the slowest requests, decoding in the second
+    stretch, see cycles at 2x, the middle ones at 1x."""
+    import gzip
+    import json
+
+    from bench.sim import fidelity
+    from bench.sim.steptrace import tail_windows
+
+    cost = LinearCost(a=0.004, b=0.001, c=0.0, e=0.0, f=0.0, gap=0.001)
+    lines, t = ["kind,launch,end,size,count", "p,99.990000,99.995000,10,1,10"], 100.0
+    while t < 110.0:
+        n, k = (2, 1.0) if t < 105.0 else (4, 2.0)
+        step = k * cost.decode(n, 0.0)
+        lines.append(f"d,{t:.6f},{t + step:.6f},{n},300")
+        t += step + k * 0.001
+    path = tmp_path / "steps.csv"
+    path.write_text("\n".join(lines) + "\n")
+    tr = Trace.read(path)
+    spans = [(0.004 + 1e-4 * i, 100.0 + 0.5 * i, 100.5 + 0.5 * i) for i in range(8)] + \
+            [(0.012, 105.5, 106.5), (0.011, 107.0, 108.0)]
+    got = tail_windows(tr, cost, spans, top=2)
+    slow, middle = got["slowest"], got["middle"]
+    assert slow["requests"] == 2 and middle["requests"] == 5  # by TPOT: [2, 7) of 10
+    assert slow["tpot_s"] == [0.011, 0.012]
+    assert slow["cycle_over_model"] == pytest.approx(2.0, rel=1e-3)
+    assert slow["step_over_model"] == pytest.approx(2.0, rel=1e-3)
+    assert slow["gap_s"] == pytest.approx(0.002, rel=1e-3) and slow["batch"] == 4.0
+    assert middle["cycle_over_model"] == pytest.approx(1.0, rel=1e-3)
+    assert middle["batch"] == 2.0
+    assert tail_windows(tr, cost, [], top=2)["slowest"] == {"requests": 0, "n": 0}
+    # a live run's records on the trace's clock: the replay starts at the first prefill
+    rec = {"pid": "p0", "requests": [
+        {"role": "serial", "start": 0.0, "token_times": [0.5, 0.51, 0.53]},
+        {"role": "branch", "start": 0.6, "token_times": [0.7, 0.8]},
+        {"role": "serial", "start": 0.9, "token_times": [1.0]}]}
+    records = tmp_path / "run1_records.jsonl.gz"
+    with gzip.open(records, "wt") as f:
+        f.write(json.dumps(rec) + "\n")
+    (tpot, a, b), = fidelity.serial_spans(records, tr)
+    assert tpot == pytest.approx(0.015) and a == pytest.approx(100.49) \
+        and b == pytest.approx(100.52)
+    rows = fidelity.tail_rows({"runs": [{"tails": got}, {}]})
+    assert rows[2].startswith("| run | requests |") and len(rows) == 4 + 2 + 1
+    assert "| 1 | slowest, 2 | 11.0-12.0 |" in rows[4]

@@ -13,13 +13,16 @@ to that very server (MODELS): the first calibration's client-side TPOT, the
 server's steps before the first run, the calibrations just before and after
 the run (bracketing it in time, out of sample; with the host's speed over the
 run; with TAPER's hook time per step that the other run's server reported;
-slowed with the traffic as the other run was),
+slowed with the traffic as the other run was; with the other run's wandering
+host speed, the median of several draws),
 the other live run's steps
 (the same workload minutes apart, out of sample) and the run's own steps
 (in-sample). Goodput, SLO attainment and TPOT p50/p99 are compared with
 sim/live - 1 (target, issue 15: within 10% on each), beside the live runs'
-own difference from each other: how far the same run moves when repeated.
-Writes result.json and result.md to --result-dir.
+own difference from each other: how far the same run moves when repeated
+(with three runs or more, each figure's median over the runs too).
+Writes result.json and result.md to --result-dir, and per case the step
+trace and each live run's program records (run{i}_records.jsonl.gz).
 
 The cases: today's default mix (the main job's: `long-context` at a quarter of
 its lengths, TPOT SLO 3x), a reasoning preset with long branches
@@ -80,7 +83,7 @@ def case_ns(name: str, policy: str, seed: int, out: Path, scale: int = 1,
     load = load or CASES[name][2]
     ns = bench_cli.parse([*case_flags(name, scale), "--policies", policy, "--seed", str(seed),
                           "--request-rate", load, "--result-dir", str(out / name),
-                          "--no-plots"])
+                          "--no-plots", "--save-records"])
     options.validate(ns, live=True)
     return ns
 
@@ -91,6 +94,7 @@ def case_ns(name: str, policy: str, seed: int, out: Path, scale: int = 1,
 # and their KV (up to 32K tokens).
 SHAPES = ((1, 4096), (4, 4096), (8, 4096), (2, 6000))
 
+TAIL_REQUESTS = 8  # the slowest serial requests whose steps are read against the middle half
 LOAD_WINDOW_S = 5.0  # bracket_load's window: the 5-s bins its line is fitted over
 
 # The cost models each run is simulated on: (key, what it is fitted to).
@@ -114,6 +118,12 @@ MODELS = (
                      "other live run's 5-s speed against the bracket model (out of sample: "
                      "the same workload minutes apart; calibrations stream too little to "
                      "show it)"),
+    ("bracket_drift", "the bracket model, its step times scaled every 5 s as the other live "
+                      "run's were (bracket_speed's factors of the other run, replayed on this "
+                      "run's clock: how far and how long the host's speed strays, out of "
+                      "sample; the two runs' factors hardly correlate in time, so this is a "
+                      "draw of the host's wandering, not its replay): the series as it ran "
+                      "and rotated, each figure the median of the simulations (DRIFT_DRAWS)"),
     ("other_run", "the other live run's steps (the same workload minutes apart, out of "
                   "sample)"),
     ("trace_run", "the run's own steps (in-sample: tests the simulator's scheduling, not "
@@ -152,6 +162,7 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
                 t0, cpu0, srv0 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
                 live = bench.probe(srv, seed, rate)
                 t1, cpu1, srv1 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
+                _keep_records(case_dir, policy, seed, rate, i)
                 cal = srv.calibrate_again()
                 srv.decode_at(SHAPES)
                 t2 = time.monotonic()
@@ -173,6 +184,43 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
     return {"case": name, "flags": case_flags(name, scale), "scale": scale, "load": load,
             "rate": rate, "policy": policy, "seed": seed,
             "calibration": bench.result["calibration"], "slo": bench.result["slo"], "runs": runs}
+
+
+def _keep_records(case_dir: Path, policy: str, seed: int, rate: float, i: int) -> None:
+    """Keep the live run's program records (`taper bench --save-records` wrote
+    them under a name both runs share) as run{i+1}_records.jsonl.gz: every
+    request's token times, for reading a tail request by request."""
+    import gzip
+
+    from bench.cli import records_path
+
+    src = records_path(case_dir, policy, seed, rate)
+    with gzip.open(case_dir / f"run{i + 1}_records.jsonl.gz", "wb") as f:
+        f.write(src.read_bytes())
+    src.unlink()
+
+
+def serial_spans(records_path: Path, run_trace) -> list[tuple[float, float, float]]:
+    """(TPOT, first token, last token) of each serial request of a live run with
+    two tokens or more, on the step trace's clock: the records count from the
+    replay's start, which is placed at the run's first prefill launch less the
+    first request's start (the request's trip to the scheduler, a few ms, put
+    on the replay's start)."""
+    import gzip
+
+    programs = [json.loads(line) for line in gzip.open(records_path, "rt") if line.strip()]
+    requests = [r for p in programs for r in p["requests"]]
+    prefills = run_trace.launch[run_trace.kind == "p"]
+    if not requests or not len(prefills):
+        return []
+    offset = float(prefills[0]) - min(r["start"] for r in requests)
+    out = []
+    for r in requests:
+        times = r["token_times"]
+        if r["role"] == "serial" and len(times) >= 2:
+            out.append(((times[-1] - times[0]) / (len(times) - 1), times[0] + offset,
+                        times[-1] + offset))
+    return out
 
 
 def windows(case: dict, i: int) -> dict[str, list[tuple[float, float]]]:
@@ -202,7 +250,14 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
     from bench import cli as bench_cli
     from bench.sim import cost as costs
     from bench.sim.cli import run_sim
-    from bench.sim.steptrace import Trace, fit_linear, host_speed, load_slowdown, parts
+    from bench.sim.steptrace import (
+        Trace,
+        fit_linear,
+        host_speed,
+        load_slowdown,
+        parts,
+        tail_windows,
+    )
 
     name = case["case"]
     if "runs" not in case:  # stored before runs were repeated (f4c064f): one run
@@ -216,6 +271,15 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
     trace_path = case_dir / "steps.csv"
     cal_path = case_dir / "live_cost_model.json"
     cal_path.write_text(json.dumps(case["calibration"]["fit"], indent=1))
+    # Each run's host speed against its bracket model, first: bracket_drift replays
+    # the other run's on this one
+    speeds = {}
+    for j, run in enumerate(case["runs"]):
+        wins = windows(case, j).get("bracket")
+        if wins:
+            speeds[j] = host_speed(Trace.read(trace_path, *run["window"]),
+                                   fit_linear(Trace.read_windows(trace_path, wins)),
+                                   run["window"][0])
     for i, run in enumerate(case["runs"]):
         t0, t1 = run["window"]
         run_trace = Trace.read(trace_path, t0, t1)
@@ -230,9 +294,12 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
         variants: dict[str, dict] = {}
         if "bracket" in paths:
             bracket = models["bracket"]
-            run["host_speed"] = host_speed(run_trace, bracket, t0)
+            run["host_speed"] = speeds[i]
             variants["bracket_speed"] = {"host_speed": run["host_speed"]}
             others = [r for j, r in enumerate(case["runs"]) if j != i]
+            other_speed = [speeds[j] for j in range(len(case["runs"])) if j != i and j in speeds]
+            if other_speed:  # the first other run's, as it ran and rotated
+                variants["bracket_drift"] = {"host_speed": drift_draws(other_speed[0])}
             per_step = [hook_per_regulated_step(r.get("live_server") or {}) for r in others]
             per_step = [x for x in per_step if x is not None]
             if per_step:
@@ -245,30 +312,103 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                 variants["bracket_load"] = {"host_load": run["load_other"]}
             for key in variants:
                 paths[key], models[key] = paths["bracket"], bracket
+        def simulate(path: Path, extra: dict) -> dict:
+            sim_ns = argparse.Namespace(**{
+                **vars(ns), "cost_model": f"linear:{path}", "sweep": None,
+                "request_rate": repr(case["rate"]), "policies": case["policy"],
+                "kv_capacity": 65536, "workers": 1, "quiet": True, "save_trace": None,
+                "seeds": [case["seed"]], "controller": [], "replicas": 1,
+                "host_speed": None, "hook_s": None, "host_load": None, **extra})
+            return run_sim(sim_ns, calibration=bench_cli.sim_calibration(
+                case["calibration"]))["runs"][0]
+
         run["models"] = {}
         for key, what in MODELS:
             if key not in paths:
                 continue
-            sim_ns = argparse.Namespace(**{
-                **vars(ns), "cost_model": f"linear:{paths[key]}", "sweep": None,
-                "request_rate": repr(case["rate"]), "policies": case["policy"],
-                "kv_capacity": 65536, "workers": 1, "quiet": True, "save_trace": None,
-                "seeds": [case["seed"]], "controller": [], "replicas": 1,
-                "host_speed": None, "hook_s": None, "host_load": None,
-                **variants.get(key, {})})
-            sim = run_sim(sim_ns, calibration=bench_cli.sim_calibration(case["calibration"]))
-            sim_run = sim["runs"][0]
             model = models[key]
             made_of = parts(run_trace, model, t1 - t0)
             made_of["client_cpu_share"] = run.get("client_cpu_share")
             made_of["server_cpu_share"] = run.get("server_cpu_share")
+            extra = variants.get(key, {})
+            if key == "bracket_drift":  # one simulation per draw, the figures' median
+                sims = [simulate(paths[key], {"host_speed": d}) for d in extra["host_speed"]]
+                sim_run, summary = sims[0], median_summary([x["summary"] for x in sims])
+                spread = draw_spread(run["live"], [x["summary"] for x in sims])
+            else:
+                sim_run = simulate(paths[key], extra)
+                summary, spread = sim_run["summary"], None
             run["models"][key] = {"what": what, "model": model.describe(),
-                                  "rows": compare(run["live"], sim_run["summary"]),
-                                  "sim": sim_run["summary"], "sim_server": sim_run["server"],
+                                  "rows": compare(run["live"], summary),
+                                  "sim": summary, "sim_server": sim_run["server"],
                                   "live_steps": made_of, "sim_gap_s": model.gap}
+            if spread:
+                run["models"][key]["draws"] = spread
+        records = case_dir / f"run{i + 1}_records.jsonl.gz"
+        if records.exists() and "bracket" in models:  # the slowest requests' steps
+            run["tails"] = tail_windows(run_trace, models["bracket"],
+                                        serial_spans(records, run_trace), TAIL_REQUESTS)
     runs = case["runs"]
     case["repeat"] = compare(runs[0]["live"], runs[1]["live"]) if len(runs) > 1 else None
+    case["median_over_runs"] = medians_over_runs(runs) if len(runs) >= 3 else None
     return case
+
+
+def medians_over_runs(runs: list[dict]) -> dict[str, list[dict]]:
+    """Per model that every run has: compare's rows of each figure's median over
+    the runs' simulations against its median over the live runs."""
+    live = median_summary([r["live"] for r in runs])
+    return {key: compare(live, median_summary([r["models"][key]["sim"] for r in runs]))
+            for key, _ in MODELS if all(key in r.get("models", {}) for r in runs)}
+
+
+DRIFT_DRAWS = 9  # bracket_drift's simulations per run: the other run's speed, 8 rotations
+
+
+def drift_draws(speed: tuple[tuple[float, ...], tuple[float, ...]], k: int = DRIFT_DRAWS,
+                seed: int = 0) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """`k` host-speed series for SimConfig.speed from one run's (`host_speed`'s
+    (times, factors)): the series as it ran, then `k - 1` circular rotations of
+    its factors by seeded random offsets, on the same times. A rotation keeps
+    how far and for how long the speed strays (its factors and their order but
+    at one seam) and moves where the slow stretches fall."""
+    import numpy as np
+
+    times, factors = tuple(speed[0]), np.asarray(speed[1], dtype=float)
+    rng = np.random.default_rng(seed)
+    out = [(times, tuple(factors.tolist()))]
+    for _ in range(k - 1):
+        shift = int(rng.integers(1, len(factors))) if len(factors) > 1 else 0
+        out.append((times, tuple(np.roll(factors, shift).tolist())))
+    return out
+
+
+def median_summary(summaries: list[dict]) -> dict:
+    """The figures FIELDS reads, each the median over several simulations' summaries."""
+    import numpy as np
+
+    med = lambda get: float(np.median([get(s) for s in summaries]))  # noqa: E731
+    return {"goodput": med(lambda s: s["goodput"]),
+            "slo_attainment": med(lambda s: s["slo_attainment"]),
+            "tpot_s": {"p50": med(lambda s: s["tpot_s"]["p50"]),
+                       "p99": med(lambda s: s["tpot_s"]["p99"])}}
+
+
+def draw_spread(live: dict, summaries: list[dict]) -> dict:
+    """Per figure, sim/live - 1 over the draws: p10, p90, min, max (None where
+    live is 0)."""
+    import numpy as np
+
+    out = {}
+    for name, get in FIELDS:
+        base = get(live)
+        if not base:
+            out[name] = None
+            continue
+        rel = np.array([get(s) / base - 1 for s in summaries])
+        out[name] = {"p10": float(np.percentile(rel, 10)), "p90": float(np.percentile(rel, 90)),
+                     "min": float(rel.min()), "max": float(rel.max()), "n": len(rel)}
+    return out
 
 
 def hook_per_regulated_step(server: dict) -> float | None:
@@ -361,6 +501,57 @@ def model_rows(case: dict) -> list[str]:
     return out + [""]
 
 
+def median_rows(case: dict) -> list[str]:
+    """With three runs or more: each figure's median over the simulations
+    against its median over the live runs (sim/live - 1)."""
+    pooled = case.get("median_over_runs")
+    if not pooled:
+        return []
+    names = [name for name, _ in FIELDS]
+    return [f"Each figure's median over the {len(case['runs'])} runs, sim/live - 1:", "",
+            "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+            *(f"| {key} | " + " | ".join(_pct(r["rel_diff"]) for r in rows) + " |"
+              for key, rows in pooled.items()), ""]
+
+
+def tail_rows(case: dict) -> list[str]:
+    """The slowest serial requests' decode cycles against the middle half's
+    (live, against the bracket model), per run with records."""
+    runs = [(i, r["tails"]) for i, r in enumerate(case["runs"]) if r.get("tails")]
+    if not runs:
+        return []
+    out = [f"The {TAIL_REQUESTS} slowest serial requests (by TPOT) and the middle half: the live "
+           "decode cycles launched inside their spans, against the bracket model:", "",
+           "| run | requests | TPOT (ms) | cycles | cycle / model | step / model | gap after "
+           "(ms) | batch |", "|---" * 8 + "|"]
+    for i, tails in runs:
+        for name, g in tails.items():
+            if not g.get("n"):
+                out.append(f"| {i + 1} | {name}, {g.get('requests', 0)} | - | 0 | | | | |")
+                continue
+            lo, hi = g["tpot_s"]
+            out.append(f"| {i + 1} | {name}, {g['requests']} | {1e3 * lo:.1f}-{1e3 * hi:.1f} | "
+                       f"{g['n']} | {g['cycle_over_model']:.2f} | {g['step_over_model']:.2f} | "
+                       f"{1e3 * g['gap_s']:.2f} | {g['batch']:.1f} |")
+    return out + [""]
+
+
+def drift_rows(case: dict) -> list[str]:
+    """bracket_drift's draws: how far each figure moves with where the host's
+    slow stretches fall (p10 to p90 of sim/live - 1 over the draws)."""
+    per_run = [r.get("models", {}).get("bracket_drift", {}).get("draws") for r in case["runs"]]
+    if not any(per_run):
+        return []
+    n = next(d for d in per_run if d)[FIELDS[0][0]]["n"]
+
+    def cell(d: dict | None) -> str:
+        return "-" if not d else f"{_pct(d['p10'])} to {_pct(d['p90'])}"
+
+    return [f"bracket_drift over its {n} draws, sim/live - 1 from p10 to p90 (a cell per run): "
+            + "; ".join(f"{name} " + " / ".join(cell((d or {}).get(name)) for d in per_run)
+                        for name, _ in FIELDS), ""]
+
+
 def coefficient_rows(case: dict) -> list[str]:
     out = ["| run | model | decode ms | ms/seq | us/KV token | prefill ms | us/token | "
            "ms/request | us/context token | gap ms |", "|---" * 10 + "|"]
@@ -406,7 +597,7 @@ def scores(result: dict) -> dict[str, tuple[int, int, int]]:
 
 def markdown(result: dict) -> str:
     lines = [f"Policy {result['policy']}, seed {result['seed']}; sim/live - 1, target within "
-             f"{100 * TARGET:.0f}% on each figure; a cell per live run (run 1 / run 2).", ""]
+             f"{100 * TARGET:.0f}% on each figure; a cell per live run (run 1 / run 2 / ...).", ""]
     for c in result["cases"]:
         cal = c["calibration"]
         after = ", ".join(f"{1e3 * r['tpot_after_s']:.2f}" for r in c["runs"]
@@ -420,7 +611,8 @@ def markdown(result: dict) -> str:
                   f"{1e3 * cal['ttft_s']:.1f} ms)", ""]
         if c.get("sim_error"):
             lines += [f"Not simulated: {c['sim_error']}", ""]
-        lines += model_rows(c) + coefficient_rows(c)
+        lines += (model_rows(c) + drift_rows(c) + median_rows(c) + tail_rows(c)
+                  + coefficient_rows(c))
         for i, run in enumerate(c["runs"]):
             m = run.get("models", {}).get("bracket")
             if m:
@@ -439,9 +631,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated, of {', '.join(CASES)} (default: all)")
     p.add_argument("--policy", default="taper")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2, choices=(1, 2),
+    p.add_argument("--repeats", type=int, default=2, choices=range(1, 7), metavar="{1..6}",
                    help="live runs per case, each followed by a calibration (default 2: "
-                        "the second run shows how far a repeat moves)")
+                        "the second run shows how far a repeat moves; more: the figures' "
+                        "median over the runs is compared too)")
     p.add_argument("--scale", type=int, default=1,
                    help="programs per live run times this (default 1: 40, 20 and 40; a "
                         "p50/p99 of a few dozen programs hinges on a request or two)")

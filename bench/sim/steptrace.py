@@ -134,6 +134,44 @@ def parts(tr: Trace, cost, window: float) -> dict:
     }
 
 
+def tail_windows(tr: Trace, cost, spans: list[tuple[float, float, float]],
+                 top: int = 8) -> dict:
+    """What the slowest requests decoded through, against the middle ones: the
+    `top` slowest of `spans` ((TPOT, first token, last token) per request, in
+    the trace's seconds) and the middle half of them by TPOT, each group the
+    decode cycles launched inside its requests' spans (a cycle inside two
+    counted once): the cycle (launch to next decode launch) over the model's
+    step and gap, the step alone over the model's step, the scheduler's gap
+    after the step, the batch. Empty groups have n 0."""
+    i, cycle = _decode_pairs(tr)
+    if not len(i) or not spans:
+        return {"slowest": {"requests": 0, "n": 0}, "middle": {"requests": 0, "n": 0}}
+    launch = tr.launch[i]
+    model = np.array([cost.decode(int(n), float(kv)) for n, kv in zip(tr.size[i], tr.count[i])])
+    g = getattr(cost, "gap", 0.0)
+    ranked = sorted(spans, key=lambda s: -s[0])
+    k = min(top, len(ranked))
+    groups = {"slowest": ranked[:k], "middle": ranked[len(ranked) // 4:3 * len(ranked) // 4]}
+
+    def group(chosen) -> dict:
+        inside = np.zeros(len(i), dtype=bool)
+        for _, a, b in chosen:
+            inside |= (launch >= a) & (launch < b)
+        if not inside.any():
+            return {"requests": len(chosen), "n": 0}
+        m = model[inside]
+        return {"requests": len(chosen), "n": int(inside.sum()),
+                "tpot_s": [float(min(t for t, _, _ in chosen)),
+                           float(max(t for t, _, _ in chosen))],
+                "cycle_over_model": float(np.median(cycle[inside] / np.maximum(m + g, 1e-9))),
+                "step_over_model": float(np.median((tr.end[i] - launch)[inside]
+                                                   / np.maximum(m, 1e-9))),
+                "gap_s": float(np.median(tr.launch[i + 1][inside] - tr.end[i][inside])),
+                "batch": float(tr.size[i][inside].mean())}
+
+    return {name: group(chosen) for name, chosen in groups.items()}
+
+
 def fit_linear(tr: Trace, name: str = "linear:step-trace"):
     """A LinearCost fitted to a trace's server-side steps. The scheduler's time
     between two steps grows with the batch it just finished (its results
