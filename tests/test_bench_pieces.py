@@ -227,6 +227,9 @@ def test_fidelity_cases_parse_as_taper_bench_and_compare_figure_by_figure(capsys
             assert ns.num_prompts == programs * scale
     with pytest.raises(SystemExit):
         fidelity.main(["--scale", "0"])
+    for repeats in ("0", "7"):  # 1 to 6 live runs a case
+        with pytest.raises(SystemExit):
+            fidelity.main(["--repeats", repeats])
     live = {"goodput": 0.5, "slo_attainment": 1.0, "tpot_s": {"p50": 0.01, "p99": 0.02}}
     sim = {"goodput": 0.55, "slo_attainment": 0.9, "tpot_s": {"p50": 0.01, "p99": 0.03}}
     rows = fidelity.compare(live, sim)
