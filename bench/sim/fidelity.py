@@ -64,12 +64,13 @@ def case_flags(name: str, scale: int = 1) -> list[str]:
 
 
 def compare(live: dict, sim: dict) -> list[dict]:
-    """Each figure live and simulated, with sim/live - 1 (None where live is 0)."""
+    """Each figure live and simulated, with sim/live - 1 (None where live is 0
+    or either has no such figure)."""
     rows = []
     for name, get in FIELDS:
         a, b = get(live), get(sim)
         rows.append({"figure": name, "live": a, "sim": b,
-                     "rel_diff": (b / a - 1) if a else None})
+                     "rel_diff": (b / a - 1) if a and b is not None else None})
     return rows
 
 
@@ -162,7 +163,6 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
                 t0, cpu0, srv0 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
                 live = bench.probe(srv, seed, rate)
                 t1, cpu1, srv1 = time.monotonic(), _cpu_self(), _cpu_tree(server_pid)
-                _keep_records(case_dir, policy, seed, rate, i)
                 cal = srv.calibrate_again()
                 srv.decode_at(SHAPES)
                 t2 = time.monotonic()
@@ -176,6 +176,7 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
                     "client_cpu_share": (cpu1 - cpu0) / (t1 - t0),  # of one core
                     "server_cpu_share": None if srv0 is None or srv1 is None else
                     (srv1 - srv0) / (t1 - t0)})
+                _keep_records(case_dir, policy, seed, rate, i)
     finally:
         if before is None:
             os.environ.pop(ENV_TRACE, None)
@@ -195,9 +196,12 @@ def _keep_records(case_dir: Path, policy: str, seed: int, rate: float, i: int) -
     from bench.cli import records_path
 
     src = records_path(case_dir, policy, seed, rate)
-    with gzip.open(case_dir / f"run{i + 1}_records.jsonl.gz", "wb") as f:
-        f.write(src.read_bytes())
-    src.unlink()
+    try:
+        with gzip.open(case_dir / f"run{i + 1}_records.jsonl.gz", "wb") as f:
+            f.write(src.read_bytes())
+        src.unlink()
+    except OSError as e:  # the run's figures stay; only the request-by-request read is lost
+        print(f"fidelity: run {i + 1}'s records not kept: {e}", file=sys.stderr)
 
 
 def serial_spans(records_path: Path, run_trace) -> list[tuple[float, float, float]]:
@@ -332,6 +336,8 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
             made_of["server_cpu_share"] = run.get("server_cpu_share")
             extra = variants.get(key, {})
             if key == "bracket_drift":  # one simulation per draw, the figures' median
+                # (its server counters, sim_server, are the first draw's: the other run's
+                # speed as it ran)
                 sims = [simulate(paths[key], {"host_speed": d}) for d in extra["host_speed"]]
                 sim_run, summary = sims[0], median_summary([x["summary"] for x in sims])
                 spread = draw_spread(run["live"], [x["summary"] for x in sims])
@@ -346,8 +352,13 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
                 run["models"][key]["draws"] = spread
         records = case_dir / f"run{i + 1}_records.jsonl.gz"
         if records.exists() and "bracket" in models:  # the slowest requests' steps
-            run["tails"] = tail_windows(run_trace, models["bracket"],
-                                        serial_spans(records, run_trace), TAIL_REQUESTS)
+            try:
+                spans = serial_spans(records, run_trace)
+            except (OSError, EOFError, ValueError, KeyError) as e:
+                print(f"fidelity: {records}: not read: {e}", file=sys.stderr)
+            else:
+                run["tails"] = tail_windows(run_trace, models["bracket"], spans,
+                                            TAIL_REQUESTS)
     runs = case["runs"]
     case["repeat"] = compare(runs[0]["live"], runs[1]["live"]) if len(runs) > 1 else None
     case["median_over_runs"] = medians_over_runs(runs) if len(runs) >= 3 else None
@@ -387,7 +398,10 @@ def median_summary(summaries: list[dict]) -> dict:
     """The figures FIELDS reads, each the median over several simulations' summaries."""
     import numpy as np
 
-    med = lambda get: float(np.median([get(s) for s in summaries]))  # noqa: E731
+    def med(get) -> float | None:  # over the summaries that have the figure
+        values = [v for v in map(get, summaries) if v is not None]
+        return float(np.median(values)) if values else None
+
     return {"goodput": med(lambda s: s["goodput"]),
             "slo_attainment": med(lambda s: s["slo_attainment"]),
             "tpot_s": {"p50": med(lambda s: s["tpot_s"]["p50"]),
@@ -395,19 +409,21 @@ def median_summary(summaries: list[dict]) -> dict:
 
 
 def draw_spread(live: dict, summaries: list[dict]) -> dict:
-    """Per figure, sim/live - 1 over the draws: p10, p90, min, max (None where
-    live is 0)."""
+    """Per figure, sim/live - 1 over the draws: p10, p90, min, max, and each
+    draw's figure (None where live is 0 or no draw has the figure)."""
     import numpy as np
 
     out = {}
     for name, get in FIELDS:
         base = get(live)
-        if not base:
+        values = [get(s) for s in summaries]
+        rel = np.array([v / base - 1 for v in values if v is not None]) if base else []
+        if not len(rel):
             out[name] = None
             continue
-        rel = np.array([get(s) / base - 1 for s in summaries])
         out[name] = {"p10": float(np.percentile(rel, 10)), "p90": float(np.percentile(rel, 90)),
-                     "min": float(rel.min()), "max": float(rel.max()), "n": len(rel)}
+                     "min": float(rel.min()), "max": float(rel.max()), "n": len(rel),
+                     "figures": values}
     return out
 
 
@@ -522,17 +538,20 @@ def tail_rows(case: dict) -> list[str]:
         return []
     out = [f"The {TAIL_REQUESTS} slowest serial requests (by TPOT) and the middle half: the live "
            "decode cycles launched inside their spans, against the bracket model:", "",
-           "| run | requests | TPOT (ms) | cycles | cycle / model | step / model | gap after "
-           "(ms) | batch |", "|---" * 8 + "|"]
+           "| run | requests | TPOT (ms) | cycles | cycle / model | the others at the same "
+           "batch sizes | step / model | gap after (ms) | batch |", "|---" * 9 + "|"]
     for i, tails in runs:
         for name, g in tails.items():
             if not g.get("n"):
-                out.append(f"| {i + 1} | {name}, {g.get('requests', 0)} | - | 0 | | | | |")
+                out.append(f"| {i + 1} | {name}, {g.get('requests', 0)} | - | 0 | | | | | |")
                 continue
             lo, hi = g["tpot_s"]
+            same = g.get("outside_same_batch")
             out.append(f"| {i + 1} | {name}, {g['requests']} | {1e3 * lo:.1f}-{1e3 * hi:.1f} | "
-                       f"{g['n']} | {g['cycle_over_model']:.2f} | {g['step_over_model']:.2f} | "
-                       f"{1e3 * g['gap_s']:.2f} | {g['batch']:.1f} |")
+                       f"{g['n']} | {g['cycle_over_model']:.2f} | "
+                       f"{'-' if same is None else f'{same:.2f}'} | "
+                       f"{g['step_over_model']:.2f} | {1e3 * g['gap_s']:.2f} | "
+                       f"{g['batch']:.1f} |")
     return out + [""]
 
 

@@ -142,7 +142,12 @@ def tail_windows(tr: Trace, cost, spans: list[tuple[float, float, float]],
     decode cycles launched inside its requests' spans (a cycle inside two
     counted once): the cycle (launch to next decode launch) over the model's
     step and gap, the step alone over the model's step, the scheduler's gap
-    after the step, the batch. Empty groups have n 0."""
+    after the step, the batch; and the cycles outside the group's spans at the
+    same batch sizes (`outside_same_batch`: per batch size the outside cycles'
+    median ratio, weighted by the group's cycles at that size): if it stays
+    below the group's, the group's steps were slow in time, not by the batch's
+    make-up. Below 32 requests the middle half holds some of the slowest.
+    Empty groups have n 0."""
     i, cycle = _decode_pairs(tr)
     if not len(i) or not spans:
         return {"slowest": {"requests": 0, "n": 0}, "middle": {"requests": 0, "n": 0}}
@@ -160,7 +165,17 @@ def tail_windows(tr: Trace, cost, spans: list[tuple[float, float, float]],
         if not inside.any():
             return {"requests": len(chosen), "n": 0}
         m = model[inside]
+        ratio = cycle / np.maximum(model + g, 1e-9)
+        size = tr.size[i]
+        matched, weight = 0.0, 0
+        for b in np.unique(size[inside]):
+            out_b = ~inside & (size == b)
+            if out_b.any():
+                w = int(np.count_nonzero(inside & (size == b)))
+                matched += w * float(np.median(ratio[out_b]))
+                weight += w
         return {"requests": len(chosen), "n": int(inside.sum()),
+                "outside_same_batch": matched / weight if weight else None,
                 "tpot_s": [float(min(t for t, _, _ in chosen)),
                            float(max(t for t, _, _ in chosen))],
                 "cycle_over_model": float(np.median(cycle[inside] / np.maximum(m + g, 1e-9))),
