@@ -288,7 +288,10 @@ def test_a_killed_worker_costs_only_the_requests_it_was_running(fleet, monkeypat
     from sglang_taper import TaperEndpoint
     from sglang_taper.adapter import frontend
 
-    args = dict(question="Where does it go?", width=4, branch_tokens=64)
+    # Long enough to be still running a second after it first reaches a worker on
+    # the fastest host (768 branch tokens, then 768 of summary: >= 3 s at 2 ms a
+    # step); at 64 a fast host finished it before the kill
+    args = dict(question="Where does it go?", width=4, branch_tokens=768)
     alone = fork_demo.run(**args, backend=TaperEndpoint(fleet.worker_urls[0]))
     assert alone.error() is None
 
@@ -312,7 +315,7 @@ def test_a_killed_worker_costs_only_the_requests_it_was_running(fleet, monkeypat
     tokens = 2000  # far more than can finish before the kill
     streamer, streamed = _in_thread(lambda: asyncio.run(_one_stream(
         stream, fleet.url, tokens, key)))
-    time.sleep(3)  # the stream's prefill done, the program into its branches
+    time.sleep(1.0)  # the stream's prefill done, the program into its branches
     assert prog.is_alive() and streamer.is_alive(), "finished before the kill"
     os.killpg(fleet.servers[victim].proc.pid, signal.SIGKILL)
     t_kill = time.monotonic()
