@@ -352,3 +352,21 @@ def test_tail_windows_read_the_slowest_requests_steps_against_the_middle(tmp_pat
     assert rows[2].startswith("| run | requests |") and len(rows) == 4 + 2 + 1
     assert rows[4].startswith("| 1 | slowest, 2 | 11.0-12.0 | ")
     assert " | 2.00 | 2.00 | 2.00 | 2.00 | 4.0 |" in rows[4]  # cycle, same batch, step, gap
+
+
+def test_a_gzipped_trace_reads_as_the_plain_one(tmp_path):
+    """fidelity stores a finished case's step trace gzipped (steps.csv.gz); the
+    reader and --resim take either."""
+    from bench.sim import fidelity
+
+    case = tmp_path / "case"
+    case.mkdir()
+    plain = case / "steps.csv"
+    plain.write_text("kind,launch,end,size,count\nd,1.0,1.01,2,300\np,1.02,1.05,10,1,40\n")
+    want = Trace.read(plain)
+    assert fidelity.trace_file(case) == plain
+    fidelity._gzip_trace(plain)
+    assert not plain.exists() and fidelity.trace_file(case) == case / "steps.csv.gz"
+    got = Trace.read(case / "steps.csv.gz")
+    for k in ("kind", "launch", "end", "size", "count", "context"):
+        assert list(getattr(got, k)) == list(getattr(want, k)), k

@@ -149,6 +149,7 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
     bench = bench_cli.LiveBench(ns)
     trace_path = case_dir / "steps.csv"
     trace_path.unlink(missing_ok=True)
+    (case_dir / "steps.csv.gz").unlink(missing_ok=True)
     before = os.environ.get(ENV_TRACE)
     os.environ[ENV_TRACE] = str(trace_path.resolve())  # the server inherits it
     runs = []
@@ -182,9 +183,26 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
             os.environ.pop(ENV_TRACE, None)
         else:
             os.environ[ENV_TRACE] = before
+    _gzip_trace(trace_path)
     return {"case": name, "flags": case_flags(name, scale), "scale": scale, "load": load,
             "rate": rate, "policy": policy, "seed": seed,
             "calibration": bench.result["calibration"], "slo": bench.result["slo"], "runs": runs}
+
+
+def _gzip_trace(path: Path) -> None:
+    """Store the server's finished step trace gzipped (a few MB of CSV at --scale 6
+    and up, a quarter of that gzipped); `trace_file` finds either."""
+    import gzip
+
+    if path.exists():
+        path.with_suffix(".csv.gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+
+
+def trace_file(case_dir: Path) -> Path:
+    """A case's step trace: steps.csv, or steps.csv.gz as run_case stores it."""
+    plain = case_dir / "steps.csv"
+    return plain if plain.exists() else case_dir / "steps.csv.gz"
 
 
 def _keep_records(case_dir: Path, policy: str, seed: int, rate: float, i: int) -> None:
@@ -272,7 +290,7 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
             case.pop(k, None)
     ns = case_ns(name, case["policy"], case["seed"], case_dir.parent, case.get("scale", 1),
                  case.get("load"))
-    trace_path = case_dir / "steps.csv"
+    trace_path = trace_file(case_dir)
     cal_path = case_dir / "live_cost_model.json"
     cal_path.write_text(json.dumps(case["calibration"]["fit"], indent=1))
     # Each run's host speed against its bracket model, first: bracket_drift replays
@@ -665,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result-dir", default="results/fidelity")
     p.add_argument("--resim", action="store_true",
                    help="no live runs: simulate again the cases stored in --result-dir "
-                        "(result.json and each case's steps.csv), e.g. after a model change")
+                        "(result.json and each case's steps.csv or steps.csv.gz), e.g. after a "
+                        "model change")
     ns = p.parse_args(argv)
     if ns.scale < 1:
         p.error(f"--scale must be >= 1, got {ns.scale}")

@@ -12,6 +12,7 @@ model's. Between steps: the scheduler's gap (idle stretches left out).
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,13 @@ class Trace:
     def read_windows(cls, path: str | Path, windows: list[tuple[float, float]]) -> Trace:
         """The steps launched in any of the windows [t0, t1), in launch order.
         Windows further apart than IDLE_S read as idling between them (fits and
-        cycles leave that gap out); closer ones would join into one stretch."""
+        cycles leave that gap out); closer ones would join into one stretch.
+        A path ending in .gz is read gzipped."""
         rows = []
-        for i, line in enumerate(Path(path).read_text().splitlines()):
+        path = Path(path)
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" \
+            else path.read_text()
+        for i, line in enumerate(text.splitlines()):
             parts = line.split(",")
             if parts[0] == "kind":  # a header (each server that appended wrote one)
                 continue
