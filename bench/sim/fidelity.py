@@ -189,14 +189,19 @@ def run_case(name: str, policy: str, seed: int, out: Path, repeats: int = 2,
             "calibration": bench.result["calibration"], "slo": bench.result["slo"], "runs": runs}
 
 
+def _gzip_move(src: Path, dst: Path) -> None:
+    """`src` gzipped to `dst`, then removed."""
+    import gzip
+
+    dst.write_bytes(gzip.compress(src.read_bytes()))
+    src.unlink()
+
+
 def _gzip_trace(path: Path) -> None:
     """Store the server's finished step trace gzipped (a few MB of CSV at --scale 6
     and up, a quarter of that gzipped); `trace_file` finds either."""
-    import gzip
-
     if path.exists():
-        path.with_suffix(".csv.gz").write_bytes(gzip.compress(path.read_bytes()))
-        path.unlink()
+        _gzip_move(path, path.with_suffix(".csv.gz"))
 
 
 def trace_file(case_dir: Path) -> Path:
@@ -209,15 +214,11 @@ def _keep_records(case_dir: Path, policy: str, seed: int, rate: float, i: int) -
     """Keep the live run's program records (`taper bench --save-records` wrote
     them under a name both runs share) as run{i+1}_records.jsonl.gz: every
     request's token times, for reading a tail request by request."""
-    import gzip
-
     from bench.cli import records_path
 
-    src = records_path(case_dir, policy, seed, rate)
     try:
-        with gzip.open(case_dir / f"run{i + 1}_records.jsonl.gz", "wb") as f:
-            f.write(src.read_bytes())
-        src.unlink()
+        _gzip_move(records_path(case_dir, policy, seed, rate),
+                   case_dir / f"run{i + 1}_records.jsonl.gz")
     except OSError as e:  # the run's figures stay; only the request-by-request read is lost
         print(f"fidelity: run {i + 1}'s records not kept: {e}", file=sys.stderr)
 
@@ -235,14 +236,12 @@ def serial_spans(records_path: Path, run_trace) -> list[tuple[float, float, floa
     prefills = run_trace.launch[run_trace.kind == "p"]
     if not requests or not len(prefills):
         return []
+    from bench.metrics import request_tpot
+
     offset = float(prefills[0]) - min(r["start"] for r in requests)
-    out = []
-    for r in requests:
-        times = r["token_times"]
-        if r["role"] == "serial" and len(times) >= 2:
-            out.append(((times[-1] - times[0]) / (len(times) - 1), times[0] + offset,
-                        times[-1] + offset))
-    return out
+    return [(tpot, r["token_times"][0] + offset, r["token_times"][-1] + offset)
+            for r in requests
+            if r["role"] == "serial" and (tpot := request_tpot(r["token_times"])) is not None]
 
 
 def windows(case: dict, i: int) -> dict[str, list[tuple[float, float]]]:
@@ -295,20 +294,22 @@ def simulate_case(case: dict, case_dir: Path) -> dict:
     cal_path.write_text(json.dumps(case["calibration"]["fit"], indent=1))
     # Each run's host speed against its bracket model, first: bracket_drift replays
     # the other run's on this one
-    speeds = {}
+    run_traces = [Trace.read(trace_path, *run["window"]) for run in case["runs"]]
+    brackets, speeds = {}, {}
     for j, run in enumerate(case["runs"]):
         wins = windows(case, j).get("bracket")
         if wins:
-            speeds[j] = host_speed(Trace.read(trace_path, *run["window"]),
-                                   fit_linear(Trace.read_windows(trace_path, wins)),
-                                   run["window"][0])
+            brackets[j] = fit_linear(Trace.read_windows(trace_path, wins))
+            speeds[j] = host_speed(run_traces[j], brackets[j], run["window"][0])
     for i, run in enumerate(case["runs"]):
         t0, t1 = run["window"]
-        run_trace = Trace.read(trace_path, t0, t1)
+        run_trace = run_traces[i]
         paths = {"calibration": cal_path}
         for key, wins in windows(case, i).items():
             paths[key] = case_dir / f"run{i + 1}_{key}_cost_model.json"
-            fit_linear(Trace.read_windows(trace_path, wins)).save(
+            fitted = brackets[i] if key == "bracket" else \
+                fit_linear(Trace.read_windows(trace_path, wins))
+            fitted.save(
                 paths[key], source=f"server step trace (TAPER_STEP_TRACE), {key}: "
                                    f"windows {wins}")
         models = {key: costs.load(f"linear:{path}") for key, path in paths.items()}

@@ -156,9 +156,9 @@ def tail_windows(tr: Trace, cost, spans: list[tuple[float, float, float]],
     i, cycle = _decode_pairs(tr)
     if not len(i) or not spans:
         return {"slowest": {"requests": 0, "n": 0}, "middle": {"requests": 0, "n": 0}}
-    launch = tr.launch[i]
-    model = np.array([cost.decode(int(n), float(kv)) for n, kv in zip(tr.size[i], tr.count[i])])
-    g = getattr(cost, "gap", 0.0)
+    launch, size = tr.launch[i], tr.size[i]
+    model = np.array([cost.decode(int(n), float(kv)) for n, kv in zip(size, tr.count[i])])
+    ratio = cycle / np.maximum(model + getattr(cost, "gap", 0.0), 1e-9)  # as _over_model
     ranked = sorted(spans, key=lambda s: -s[0])
     k = min(top, len(ranked))
     groups = {"slowest": ranked[:k], "middle": ranked[len(ranked) // 4:3 * len(ranked) // 4]}
@@ -169,9 +169,6 @@ def tail_windows(tr: Trace, cost, spans: list[tuple[float, float, float]],
             inside |= (launch >= a) & (launch < b)
         if not inside.any():
             return {"requests": len(chosen), "n": 0}
-        m = model[inside]
-        ratio = cycle / np.maximum(model + g, 1e-9)
-        size = tr.size[i]
         matched, weight = 0.0, 0
         for b in np.unique(size[inside]):
             out_b = ~inside & (size == b)
@@ -183,11 +180,11 @@ def tail_windows(tr: Trace, cost, spans: list[tuple[float, float, float]],
                 "outside_same_batch": matched / weight if weight else None,
                 "tpot_s": [float(min(t for t, _, _ in chosen)),
                            float(max(t for t, _, _ in chosen))],
-                "cycle_over_model": float(np.median(cycle[inside] / np.maximum(m + g, 1e-9))),
+                "cycle_over_model": float(np.median(ratio[inside])),
                 "step_over_model": float(np.median((tr.end[i] - launch)[inside]
-                                                   / np.maximum(m, 1e-9))),
+                                                   / np.maximum(model[inside], 1e-9))),
                 "gap_s": float(np.median(tr.launch[i + 1][inside] - tr.end[i][inside])),
-                "batch": float(tr.size[i][inside].mean())}
+                "batch": float(size[inside].mean())}
 
     return {name: group(chosen) for name, chosen in groups.items()}
 
